@@ -1,0 +1,156 @@
+"""Command line: wires the commands to the modules. Every RoutetraceError becomes one line on
+stderr and exit code 2, here and nowhere else."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+
+import click
+from tabulate import tabulate
+
+from . import __version__, kernel, netns, probes
+from .errors import EnvironmentProblem, RoutetraceError, UsageError
+
+
+def _port(_ctx, _param, value):
+    if value is None:
+        return None
+    if not value.isdigit() or not 0 <= int(value) <= 65535:
+        raise UsageError(f"--port must be a number from 0 to 65535, not {value!r}")
+    return int(value)
+
+
+def _host(_ctx, _param, value):
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise UsageError(f"--host must be an IPv4 address, not {value!r}") from None
+
+
+def _pid(_ctx, _param, value):
+    if value is None:
+        return None
+    if not value.isdigit() or not os.path.exists(f"/proc/{value}"):
+        raise UsageError(f"--pid {value!r} is not a running process")
+    return int(value)
+
+
+def _duration(_ctx, _param, value):
+    if value is not None and value <= 0:
+        raise UsageError(f"--duration must be positive, not {value:g}")
+    return value
+
+
+def _require_root(command: str) -> None:
+    if os.geteuid() != 0:
+        raise EnvironmentProblem(f"routetrace {command} needs root to load BPF programs: run it with sudo")
+
+
+def build_filters(port, host, pid, netns_spec) -> probes.Filters:
+    inode = None
+    if netns_spec is not None:
+        inode, _name = netns.resolve(netns_spec)
+    if pid is not None and inode is not None:
+        pid_ns = os.stat(f"/proc/{pid}/ns/net").st_ino
+        if pid_ns != inode:
+            raise UsageError(f"--pid {pid} is in network namespace {pid_ns}, not in --netns {netns_spec} ({inode})")
+    return probes.Filters(port=port, host=host, pid=pid, netns=inode)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="routetrace")
+def cli():
+    """See which device the kernel's routing code picks for each local connection."""
+
+
+@cli.command()
+@click.option("--port", "-p", callback=_port, help="Only flows with this source or destination port.")
+@click.option("--host", callback=_host, help="Only flows with this IPv4 source or destination address.")
+@click.option("--pid", callback=_pid, help="Only flows started by this process (TGID).")
+@click.option("--netns", "netns_spec", metavar="NAME|PATH|INODE",
+              help="Only this network namespace; own addresses are taken from it.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines: one per new flow, then a summary.")
+@click.option("--duration", "-d", type=float, callback=_duration, help="Stop after SECONDS.")
+def watch(port, host, pid, netns_spec, as_json, duration):
+    """Show the kernel's route decision for each new flow, live; summary and verdict at the end.
+
+    \b
+    Examples:
+      sudo routetrace watch --port 8888
+      sudo routetrace watch --netns blue --json --duration 10
+    """
+    from .watch import watch as run_watch
+    filters = build_filters(port, host, pid, netns_spec)
+    _require_root("watch")
+    facts = kernel.gather(prepare_headers=True)
+    kernel.mount_tracefs()
+    facts = kernel.gather(prepare_headers=True) if facts.tracefs is None else facts
+    plan = probes.choose(facts, filters)
+    run_watch(plan, facts.headers.path if facts.headers else None, as_json=as_json, duration=duration)
+
+
+@cli.command()
+def doctor():
+    """What this machine offers for tracing, and the attach plan routetrace would use."""
+    facts = kernel.gather(prepare_headers=os.geteuid() == 0)
+    hdr = facts.headers
+    rows = [
+        ("kernel", facts.release, ""),
+        ("root", "yes" if facts.is_root else "no", "" if facts.is_root else "tracing needs sudo"),
+        ("BTF", "/sys/kernel/btf/vmlinux" if facts.btf else "missing", "struct offsets come from here"),
+        ("tracefs", str(facts.tracefs or "not mounted"), "" if facts.tracefs else "mounted on demand as root"),
+        ("kprobes", "yes" if facts.kprobes else "no", "" if facts.kprobes else "CONFIG_KPROBES off"),
+    ]
+    rows += [(f"tracepoint {tp}", "yes" if ok else "no", "") for tp, ok in facts.tracepoints.items()]
+    rows += [(f"symbol {s}", facts.symbols.get(s, "absent"), "") for s in kernel.SYMBOLS]
+    rows.append(("transmit function", facts.xmit_function or "none", "for the kprobe plan"))
+    rows.append(("headers", f"{hdr.path} ({hdr.release})" if hdr else "none",
+                 ("matches the running kernel" if hdr.matches else "not the running kernel's: offsets from BTF")
+                 if hdr else "install linux-headers (scripts/setup)"))
+    rows.append(("bcc", facts.bcc_version or "missing", "" if facts.bcc_version else "apt install python3-bpfcc"))
+    click.echo(tabulate(rows, headers=("CHECK", "FOUND", "NOTE")))
+    problems = []
+    if not facts.is_root:
+        problems.append("run as root (sudo)")
+    if not facts.bcc_version:
+        problems.append("install bcc: scripts/setup (or apt install python3-bpfcc)")
+    try:
+        plan = probes.choose(facts, probes.Filters())
+    except RoutetraceError as exc:
+        problems.append(str(exc))
+    else:
+        click.echo(f"\nattach plan: {plan.backend}")
+        for kind, target in plan.attachments:
+            click.echo(f"  {kind:<11} {target}")
+        for reason in plan.reasons:
+            click.echo(f"  because {reason}")
+        click.echo("offsets:")
+        for o in plan.offsets:
+            click.echo(f"  {o.define:<24} {o.path:<34} {o.value:>6}  ({o.source})")
+    if problems:
+        raise EnvironmentProblem("cannot trace here: " + "; ".join(problems))
+
+
+def main(argv=None) -> int:
+    try:
+        cli.main(args=argv, prog_name="routetrace", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f"routetrace: {exc.format_message()}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        return 130
+    except RoutetraceError as exc:
+        click.echo(f"routetrace: {exc}", err=True)
+        return exc.exit_code
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Facts about the running kernel and machine. Pure data, gathered once; `doctor` prints it."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .btf import VMLINUX_BTF
+from .errors import EnvironmentProblem
+
+TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+TRACEPOINTS = ("fib/fib_table_lookup", "net/net_dev_queue", "net/net_dev_start_xmit")
+SYMBOLS = ("ip_route_output_key_hash", "__dev_queue_xmit", "dev_queue_xmit")
+# Merged copies of split (Debian-style) header trees, private to routetrace: pointing bcc at
+# them through BCC_KERNEL_SOURCE in our own process leaves every other bcc tool unchanged.
+HEADER_CACHE = Path("/var/cache/routetrace/kernel-headers")
+
+
+@dataclass(frozen=True)
+class Headers:
+    path: Path            # what bcc is pointed at
+    release: str          # the kernel release the headers are for
+    matches: bool         # the same release as the running kernel
+
+
+@dataclass
+class KernelFacts:
+    release: str
+    is_root: bool
+    btf: bool
+    tracefs: Path | None
+    kprobes: bool
+    tracepoints: dict[str, bool] = field(default_factory=dict)
+    # symbol -> kallsyms type letter ("T" global, "t" local), absent when not present
+    symbols: dict[str, str] = field(default_factory=dict)
+    headers: Headers | None = None
+    bcc_version: str | None = None
+
+    @property
+    def xmit_function(self) -> str | None:
+        """The transmit function to kprobe: never the local out-of-line copy of the inline wrapper."""
+        if "__dev_queue_xmit" in self.symbols:
+            return "__dev_queue_xmit"
+        if self.symbols.get("dev_queue_xmit") == "T":
+            return "dev_queue_xmit"
+        return None
+
+
+def gather(prepare_headers: bool = False) -> KernelFacts:
+    release = os.uname().release
+    tracefs = find_tracefs()
+    return KernelFacts(
+        release=release,
+        is_root=os.geteuid() == 0,
+        btf=VMLINUX_BTF.exists(),
+        tracefs=tracefs,
+        kprobes=_kprobes_available(tracefs),
+        tracepoints={tp: bool(tracefs and (tracefs / "events" / tp / "format").exists()) for tp in TRACEPOINTS},
+        symbols=read_symbols(SYMBOLS),
+        headers=find_headers(release, prepare=prepare_headers),
+        bcc_version=bcc_version(),
+    )
+
+
+def find_tracefs() -> Path | None:
+    for path in TRACEFS_CANDIDATES:
+        if (path / "events").is_dir():
+            return path
+    return None
+
+
+def mount_tracefs() -> Path:
+    """Mount tracefs (and debugfs, where bcc 0.26 reads tracepoint formats) when missing."""
+    path = find_tracefs()
+    if path is None:
+        subprocess.run(["mount", "-t", "tracefs", "tracefs", "/sys/kernel/tracing"],
+                       capture_output=True, check=False)
+    if not Path("/sys/kernel/debug/tracing/events").is_dir():
+        subprocess.run(["mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug"],
+                       capture_output=True, check=False)
+    path = find_tracefs()
+    if path is None:
+        raise EnvironmentProblem("tracefs is not mounted and could not be mounted at /sys/kernel/tracing")
+    return path
+
+
+def _kprobes_available(tracefs: Path | None) -> bool:
+    if Path("/sys/bus/event_source/devices/kprobe/type").exists():
+        return True
+    return bool(tracefs and (tracefs / "kprobe_events").exists())
+
+
+def read_symbols(names, kallsyms: Path = Path("/proc/kallsyms")) -> dict[str, str]:
+    wanted, found = set(names), {}
+    try:
+        with kallsyms.open() as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] in wanted and len(parts) == 3:
+                    # A global definition wins over a local copy of the same name.
+                    if found.get(parts[2]) != "T":
+                        found[parts[2]] = parts[1]
+    except OSError:
+        pass
+    return found
+
+
+def bcc_version() -> str | None:
+    try:
+        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "python3-bpfcc"],
+                             capture_output=True, text=True, check=False)
+    except OSError:
+        return None
+    return out.stdout.split("+")[0].split("-")[0] or None if out.returncode == 0 else None
+
+
+def _has_headers(path: Path) -> bool:
+    return (path / "include").is_dir() or (path / "arch").is_dir()
+
+
+def _release_key(release: str):
+    return [int(x) for x in re.findall(r"\d+", release)]
+
+
+def find_headers(release: str, modules: Path = Path("/lib/modules"), prepare: bool = False,
+                 cache: Path = HEADER_CACHE) -> Headers | None:
+    """The headers bcc will compile with: the running kernel's when present, else the newest others."""
+    own = modules / release / "build"
+    if _has_headers(own):
+        return Headers(own, release, True)
+    candidates = sorted((d for d in modules.glob("*") if _has_headers(d / "build")),
+                        key=lambda d: _release_key(d.name), reverse=True)
+    if not candidates:
+        return None
+    chosen = candidates[0]
+    build, source = (chosen / "build").resolve(), (chosen / "source").resolve()
+    if not (chosen / "source").exists() or source == build:
+        return Headers(build, chosen.name, False)
+    # Debian splits headers into an arch tree (build) and a common tree (source); with
+    # BCC_KERNEL_SOURCE bcc takes one tree, so give it one made of links to both.
+    merged = cache / chosen.name
+    if prepare and not (merged / ".complete").exists():
+        merge_header_trees(source, build, merged)
+    return Headers(merged, chosen.name, False)
+
+
+def merge_header_trees(common: Path, arch: Path, dest: Path) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    subprocess.run(["rm", "-rf", str(tmp)], check=True)
+    tmp.mkdir(parents=True)
+    for tree in (common, arch):   # arch-specific files override common ones
+        subprocess.run(["cp", "-as", "--remove-destination", f"{tree}/.", str(tmp)], check=True)
+    (tmp / ".complete").write_text(f"{common}\n{arch}\n")
+    subprocess.run(["rm", "-rf", str(dest)], check=True)
+    tmp.rename(dest)

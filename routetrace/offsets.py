@@ -1,0 +1,76 @@
+"""The struct members routetrace's BPF programs read, and where their offsets come from.
+
+This is the only place that knows field paths. Each becomes a `-D` define for the BPF C:
+a number taken from the running kernel's BTF, or, when bcc compiles with the running
+kernel's own headers, an `offsetof()` the compiler resolves from them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .btf import Btf
+from .errors import EnvironmentProblem
+
+# define name -> "struct.member.path"; a path may walk embedded (not pointed-to) members.
+FIELDS: dict[str, str] = {
+    "OFF_SKB_DEV": "sk_buff.dev",
+    "OFF_SKB_REFDST": "sk_buff._skb_refdst",
+    "OFF_SKB_HEAD": "sk_buff.head",
+    "OFF_SKB_NETWORK_HEADER": "sk_buff.network_header",
+    "OFF_SKB_PROTOCOL": "sk_buff.protocol",
+    "OFF_NETDEV_NAME": "net_device.name",
+    "OFF_NETDEV_IFINDEX": "net_device.ifindex",
+    "OFF_NETDEV_NET": "net_device.nd_net.net",
+    "OFF_NET_INUM": "net.ns.inum",
+    "OFF_DST_DEV": "dst_entry.dev",
+    "OFF_RTABLE_RT_TYPE": "rtable.rt_type",
+    "OFF_TASK_NSPROXY": "task_struct.nsproxy",
+    "OFF_NSPROXY_NET": "nsproxy.net_ns",
+    "OFF_FL4_SADDR": "flowi4.saddr",
+    "OFF_FL4_DADDR": "flowi4.daddr",
+    "OFF_FL4_SPORT": "flowi4.uli.ports.sport",
+    "OFF_FL4_DPORT": "flowi4.uli.ports.dport",
+    "OFF_FL4_PROTO": "flowi4.__fl_common.flowic_proto",
+}
+
+# Structs the header path needs declared; typedef'd ones are not spelled "struct".
+_TYPEDEFS = {"possible_net_t"}
+
+
+@dataclass(frozen=True)
+class Offset:
+    define: str
+    path: str
+    value: str        # what the BPF C sees: a number, or an offsetof() expression
+    source: str       # "btf" or "headers"
+
+
+def from_btf(btf: Btf) -> list[Offset]:
+    return [Offset(d, p, str(btf.offsetof(p)), "btf") for d, p in FIELDS.items()]
+
+
+def from_headers() -> list[Offset]:
+    out = []
+    for define, path in FIELDS.items():
+        struct_name, member = path.split(".", 1)
+        spelled = struct_name if struct_name in _TYPEDEFS else f"struct {struct_name}"
+        out.append(Offset(define, path, f"offsetof({spelled}, {member})", "headers"))
+    return out
+
+
+def resolve(headers_match: bool, btf: Btf | None) -> list[Offset]:
+    """BTF whenever the headers are not the running kernel's; the headers themselves when they are."""
+    if headers_match:
+        return from_headers()
+    if btf is None:
+        raise EnvironmentProblem(
+            "the kernel headers bcc compiles with are not the running kernel's and there is no BTF "
+            "at /sys/kernel/btf/vmlinux to correct struct offsets: install linux-headers-$(uname -r)")
+    return from_btf(btf)
+
+
+def cflags(offsets: list[Offset]) -> list[str]:
+    flags = [f"-D{o.define}={o.value}" for o in offsets]
+    if offsets and offsets[0].source == "headers":
+        flags.append("-DOFFSETS_FROM_HEADERS=1")
+    return flags
