@@ -153,6 +153,28 @@ static __always_inline void remember_fib(u32 netns, u32 daddr, struct fib_value 
     fib_answers.update(&k, answer);
 }
 
+/* The route a packet was given. The skb's dst is the rtable ip_route_output_key_hash chose (dst
+ * is its first member) -- but __dev_queue_xmit drops it before net:net_dev_queue fires on
+ * devices with IFF_XMIT_DST_RELEASE (veth, NICs; not lo). Then the sending socket's cached
+ * route is the same decision: TCP and connected UDP sockets keep it in sk_dst_cache. */
+#define TCP_TIME_WAIT 6
+#define TCP_NEW_SYN_RECV 12
+
+static __always_inline void *route_of(void *skb)
+{
+    void *rt = (void *)((unsigned long)read_ptr(skb, OFF_SKB_REFDST) & ~1UL);
+    if (rt)
+        return rt;
+    void *sk = read_ptr(skb, OFF_SKB_SK);
+    if (!sk)
+        return 0;
+    u8 state = 0;
+    bpf_probe_read_kernel(&state, sizeof(state), sk + OFF_SK_STATE);
+    if (state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV)   /* not a full socket */
+        return 0;
+    return read_ptr(sk, OFF_SK_DST_CACHE);
+}
+
 /* Parse an IPv4 skb about to be transmitted on `dev` and account it to its flow. */
 static __always_inline int account_xmit(void *skb)
 {
@@ -204,8 +226,7 @@ static __always_inline int account_xmit(void *skb)
         struct flow_value init = {.first_ns = now, .last_ns = now};
         init.pid = bpf_get_current_pid_tgid() >> 32;
         bpf_get_current_comm(&init.comm, sizeof(init.comm));
-        /* The route this packet was given: the skb's dst is the rtable (dst is its first member). */
-        void *rt = (void *)((unsigned long)read_ptr(skb, OFF_SKB_REFDST) & ~1UL);
+        void *rt = route_of(skb);
         if (rt) {
             init.has_route = 1;
             bpf_probe_read_kernel(&init.route_type, sizeof(init.route_type), rt + OFF_RTABLE_RT_TYPE);

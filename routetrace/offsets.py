@@ -14,10 +14,13 @@ from .errors import EnvironmentProblem
 # define name -> "struct.member.path"; a path may walk embedded (not pointed-to) members.
 FIELDS: dict[str, str] = {
     "OFF_SKB_DEV": "sk_buff.dev",
+    "OFF_SKB_SK": "sk_buff.sk",
     "OFF_SKB_REFDST": "sk_buff._skb_refdst",
     "OFF_SKB_HEAD": "sk_buff.head",
     "OFF_SKB_NETWORK_HEADER": "sk_buff.network_header",
     "OFF_SKB_PROTOCOL": "sk_buff.protocol",
+    "OFF_SK_STATE": "sock.__sk_common.skc_state",
+    "OFF_SK_DST_CACHE": "sock.sk_dst_cache",
     "OFF_NETDEV_NAME": "net_device.name",
     "OFF_NETDEV_IFINDEX": "net_device.ifindex",
     "OFF_NETDEV_NET": "net_device.nd_net.net",

@@ -1,0 +1,90 @@
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import json
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _bpf_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "needs bcc (python3-bpfcc)"
+    return None
+
+
+@pytest.fixture
+def bpf_ready():
+    """Tests that load BPF. Off CI they skip without root or bcc; in CI (root, bcc installed by
+    scripts/setup) a missing piece is a failure, never a silent skip."""
+    reason = _bpf_unavailable()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"BPF test cannot run in CI: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def sandbox(bpf_ready):
+    from routetrace.experiment import Sandbox
+    with Sandbox() as sb:
+        yield sb
+
+
+class LiveRoutetrace:
+    """`routetrace ...` as a user runs it, in a child process, stopped like a user stops it."""
+
+    def __init__(self, *args: str, ready_timeout: float = 180):
+        # Unbuffered bytes: what is read here must not sit in a buffer communicate() bypasses.
+        self.proc = subprocess.Popen([sys.executable, "-m", "routetrace", *args], bufsize=0,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # "Tracing ..." goes to stdout like bcc tools, or to stderr when stdout carries JSON.
+        stream = self.proc.stderr if "--json" in args else self.proc.stdout
+        sel = selectors.DefaultSelector()
+        sel.register(stream, selectors.EVENT_READ)
+        self.head = ""
+        while "Tracing" not in self.head:
+            if not sel.select(ready_timeout) or self.proc.poll() is not None:
+                self.proc.kill()
+                out, err = self.proc.communicate()
+                raise AssertionError(f"routetrace did not start: {self.head}{err.decode()}{out.decode()}")
+            self.head += os.read(stream.fileno(), 65536).decode()
+        self._head_on_stdout = stream is self.proc.stdout
+
+    def stop(self, sig=signal.SIGINT, timeout: float = 60):
+        self.proc.send_signal(sig)
+        out, err = (b.decode() for b in self.proc.communicate(timeout=timeout))
+        if self._head_on_stdout:
+            return self.proc.returncode, self.head + out, err
+        return self.proc.returncode, out, self.head + err
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+@pytest.fixture
+def live():
+    started = []
+
+    def start(*args, **kw):
+        run = LiveRoutetrace(*args, **kw)
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        run.kill()
+
+
+def json_objects(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
