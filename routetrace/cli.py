@@ -84,12 +84,19 @@ def watch(port, host, pid, netns_spec, as_json, duration):
     """
     from .watch import watch as run_watch
     filters = build_filters(port, host, pid, netns_spec)
-    _require_root("watch")
-    facts = kernel.gather(prepare_headers=True)
+    plan, headers = _prepare("watch", filters)
+    run_watch(plan, headers, as_json=as_json, duration=duration)
+
+
+def _prepare(command: str, filters: probes.Filters):
+    """Everything a live trace needs, checked in the order a user can fix it."""
+    from .tracer import import_bcc
+    _require_root(command)
+    import_bcc()
     kernel.mount_tracefs()
-    facts = kernel.gather(prepare_headers=True) if facts.tracefs is None else facts
+    facts = kernel.gather(prepare_headers=True)
     plan = probes.choose(facts, filters)
-    run_watch(plan, facts.headers.path if facts.headers else None, as_json=as_json, duration=duration)
+    return plan, facts.headers.path
 
 
 @cli.command()

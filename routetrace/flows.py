@@ -90,7 +90,9 @@ def verdict(flows: Iterable[Flow], own_addresses: Callable[[int], set[str]]) -> 
     own = [d for d in ordered if d.kind == OWN]
     wrong = [d for d in loop + own if not d.only_loopback]
     if wrong:
-        names = ", ".join(f"{d.daddr} on {'/'.join(sorted(d.xmit_devs)) or 'no device'}" for d in wrong)
+        names = "; ".join(f"{d.daddr} ({d.kind}) sent on " +
+                          (" ".join(f"{dev}:{n}" for dev, n in sorted(d.xmit_devs.items())) or "no device")
+                          for d in wrong)
         return Verdict(False, f"NOT the same path: {names}", ordered)
     if loop and own:
         devs = sorted({dev for d in loop + own for dev in d.xmit_devs})
