@@ -74,7 +74,8 @@ def cli():
               help="Only this network namespace; own addresses are taken from it.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines: one per new flow, then a summary.")
 @click.option("--duration", "-d", type=float, callback=_duration, help="Stop after SECONDS.")
-def watch(port, host, pid, netns_spec, as_json, duration):
+@click.option("--record", "-w", metavar="FILE", help="Also write the trace to FILE (JSON lines, see README).")
+def watch(port, host, pid, netns_spec, as_json, duration, record):
     """Show the kernel's route decision for each new flow, live; summary and verdict at the end.
 
     \b
@@ -85,7 +86,7 @@ def watch(port, host, pid, netns_spec, as_json, duration):
     from .watch import watch as run_watch
     filters = build_filters(port, host, pid, netns_spec)
     plan, headers = _prepare("watch", filters)
-    run_watch(plan, headers, as_json=as_json, duration=duration)
+    run_watch(plan, headers, as_json=as_json, duration=duration, record=record)
 
 
 def _prepare(command: str, filters: probes.Filters):
@@ -97,6 +98,55 @@ def _prepare(command: str, filters: probes.Filters):
     facts = kernel.gather(prepare_headers=True)
     plan = probes.choose(facts, filters)
     return plan, facts.headers.path
+
+
+@cli.command()
+@click.argument("trace_file", metavar="FILE")
+def report(trace_file):
+    """Summary and verdict of a recorded trace. Needs neither root nor bcc."""
+    from .flows import verdict
+    from .record import read_trace
+    from .render import summary_text
+    trace = read_trace(trace_file)
+    h = trace.header
+    click.echo(f"trace of {h.get('hostname', '?')} (kernel {h.get('kernel', '?')}), "
+               f"{h.get('plan', {}).get('backend', '?')} plan, started {h.get('start_time', '?')}, "
+               f"filters: {' '.join(f'{k}={v}' for k, v in (h.get('filters') or {}).items()) or 'none'}")
+    if not trace.complete:
+        click.echo(f"incomplete: no trailer, the recording was cut off; {len(trace.flows)} flows recorded until then"
+                   + (" (a torn last line was dropped)" if trace.torn_last_line else ""))
+    click.echo(summary_text(trace.flows, verdict(trace.flows, trace.own_addresses), trace.losses,
+                            trace.own_addresses))
+
+
+@cli.command()
+@click.argument("trace_file", metavar="FILE")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
+@click.option("-o", "--output", metavar="OUT", help="Write here instead of standard output.")
+def export(trace_file, fmt, output):
+    """Flows of a recorded trace as CSV (a row per flow and transmit device) or a JSON array."""
+    import csv
+    import io
+    import json
+    from .record import read_trace
+    from .render import CSV_COLUMNS, csv_rows
+    trace = read_trace(trace_file)
+    buf = io.StringIO()
+    if fmt == "csv":
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows(csv_rows(trace.flows))
+    else:
+        json.dump([f.to_dict() for f in trace.flows], buf, indent=2)
+        buf.write("\n")
+    if output is None:
+        click.echo(buf.getvalue(), nl=False)
+        return
+    try:
+        with open(output, "w", encoding="utf-8") as fh:
+            fh.write(buf.getvalue())
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror}") from None
 
 
 @cli.command()

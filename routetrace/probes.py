@@ -55,6 +55,11 @@ class AttachPlan:
     def cflags(self) -> list[str]:
         return [*offset_cflags(self.offsets), *self.filters.cflags()]
 
+    def describe(self) -> dict:
+        return {"backend": self.backend,
+                "attachments": [f"{kind} {target}" for kind, target in self.attachments],
+                "offsets_from": self.offsets[0].source if self.offsets else None}
+
     def program_text(self) -> str:
         """The plan's C files as one unit: bcc rewrites map calls (`flows.lookup`) only in its
         main file, so the shared code cannot be an #include. #line keeps errors pointing home."""

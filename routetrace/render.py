@@ -55,7 +55,9 @@ def verdict_table(v: Verdict) -> str:
     return tabulate(rows, headers=("DESTINATION", "KIND", "FIB SAYS", "ROUTE TYPE", "ROUTE DEV", "SENT ON"))
 
 
-def losses_line(losses: LossCounters) -> str:
+def losses_line(losses: LossCounters | None) -> str:
+    if losses is None:
+        return "lost: unknown (the recording has no trailer: it was cut off)"
     if not losses.total:
         return "lost: nothing (0 dropped notices, 0 map overflows, 0 missed probes)"
     return (f"lost: {losses.events_dropped} new-flow notices dropped, "
@@ -63,7 +65,7 @@ def losses_line(losses: LossCounters) -> str:
             f"{losses.probes_missed} missed probes")
 
 
-def summary_text(flows: list[Flow], v: Verdict, losses: LossCounters,
+def summary_text(flows: list[Flow], v: Verdict, losses: LossCounters | None,
                  own_addresses: Callable[[int], set[str]]) -> str:
     if not flows:
         return f"\nNo flows matched.\n{losses_line(losses)}"
@@ -81,6 +83,20 @@ def summary_object(flows: list[Flow], v: Verdict, losses: LossCounters) -> dict:
         "verdict": {"holds": v.holds, "text": v.text},
         "lost": losses.__dict__ | {"total": losses.total},
     }
+
+
+CSV_COLUMNS = ("proto", "saddr", "sport", "daddr", "dport", "netns", "pid", "comm", "route_type",
+               "route_dev", "fib_dev", "fib_table", "xmit_dev", "xmit_packets", "packets", "bytes",
+               "first_ns", "last_ns", "backend")
+
+
+def csv_rows(flows: list[Flow]):
+    """One row per flow and transmit device (a flow seen on no device still gets one row)."""
+    for f in flows:
+        base = f.to_dict()
+        for dev, n in sorted(f.xmit_devs.items()) or [("", 0)]:
+            row = {**base, "xmit_dev": dev, "xmit_packets": n}
+            yield ["" if row[c] is None else row[c] for c in CSV_COLUMNS]
 
 
 def json_line(obj: dict) -> str:

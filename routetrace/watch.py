@@ -1,30 +1,38 @@
 """The live trace: attach, stream new flows, stop on Ctrl-C / SIGTERM / --duration, summarise."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Callable, TextIO
 
 from . import netns
 from .events import Flow, LossCounters
 from .flows import FlowTable, Verdict, verdict
 from .probes import AttachPlan
+from .record import TraceWriter
 from .render import (STREAM_HEADER, clock_offset_ns, json_line, stream_line, summary_object,
                      summary_text)
 from .tracer import Tracer
 
+RECORD_INTERVAL_S = 1.0
+
 
 class OwnAddresses:
-    """Own addresses per network namespace, looked up once each and on demand."""
+    """Own addresses per network namespace, looked up once each; `on_learn` sees every lookup
+    (the recorder writes it down, so a replay classifies exactly as the live run did)."""
 
-    def __init__(self):
+    def __init__(self, on_learn: Callable[[int, set[str]], None] | None = None):
         self._cache: dict[int, set[str]] = {}
+        self._on_learn = on_learn
 
     def __call__(self, inode: int) -> set[str]:
         if inode not in self._cache:
             self._cache[inode] = netns.addresses(inode)
+            if self._on_learn:
+                self._on_learn(inode, self._cache[inode])
         return self._cache[inode]
 
 
@@ -36,6 +44,71 @@ class TraceResult:
     own: OwnAddresses = field(repr=False, default_factory=OwnAddresses)
 
 
+class Session:
+    """A tracer plus what it has seen so far, optionally recorded to a file as it goes."""
+
+    def __init__(self, plan: AttachPlan, headers_path, recorder: TraceWriter | None = None,
+                 kernel_release: str = ""):
+        self.plan, self.headers_path, self.recorder = plan, headers_path, recorder
+        self.kernel_release = kernel_release or os.uname().release
+        self.table = FlowTable()
+        self.own = OwnAddresses(self._learned if recorder else None)
+        self._tracer: Tracer | None = None
+        self._last_record = 0.0
+
+    def _learned(self, inode: int, addresses: set[str]) -> None:
+        self.recorder.netns(inode, netns.name_of(inode), addresses)
+
+    def __enter__(self) -> "Session":
+        self._tracer = Tracer(self.plan, self.headers_path).__enter__()
+        if self.recorder:
+            self.recorder.header(kernel=self.kernel_release, plan=self.plan.describe(),
+                                 filters=self.plan.filters.describe(), start_ns=time.monotonic_ns())
+            self._last_record = time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.recorder:
+                self.recorder.flush()
+                self.recorder.close()
+        finally:
+            self._tracer.__exit__(*exc)
+
+    def pump(self, timeout_ms: int) -> list[Flow]:
+        """Wait up to timeout_ms for new flows; returns them. Records changes once a second."""
+        new = [f for f in self._tracer.poll(timeout_ms) if self.table.update(f)]
+        for flow in new:
+            self.own(flow.netns)
+        if self.recorder:
+            self.recorder.flows(new)
+            if time.monotonic() - self._last_record >= RECORD_INTERVAL_S:
+                self._refresh()
+                self.recorder.flush()
+                self._last_record = time.monotonic()
+        return new
+
+    def _refresh(self) -> None:
+        changed = []
+        for flow in self._tracer.snapshot():
+            self.table.update(flow)
+            changed.append(flow)
+        if self.recorder:
+            self.recorder.flows(changed)
+
+    def finish(self) -> TraceResult:
+        """Collect the last notices and counters; the trailer closes the recording."""
+        for flow in self._tracer.poll(0):
+            self.table.update(flow)
+        self._refresh()
+        losses = self._tracer.losses()
+        flows = list(self.table)
+        result = TraceResult(flows, verdict(flows, self.own), losses, self.own)
+        if self.recorder:
+            self.recorder.trailer(losses)
+        return result
+
+
 class _Stop(Exception):
     pass
 
@@ -45,12 +118,12 @@ def _raise_stop(_signum, _frame):
 
 
 def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: float | None = None,
-          out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> TraceResult:
-    table, own = FlowTable(), OwnAddresses()
+          record: str | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> TraceResult:
     offset = clock_offset_ns()
+    recorder = TraceWriter(record) if record else None
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
-        with Tracer(plan, headers_path) as tracer:
+        with Session(plan, headers_path, recorder) as session:
             filters = " ".join(f"{k}={v}" for k, v in plan.filters.describe().items()) or "none"
             print(f"Tracing route decisions ({plan.backend} plan, filters: {filters})... "
                   f"{'Hit Ctrl-C to end.' if duration is None else f'for {duration:g}s.'}",
@@ -60,23 +133,20 @@ def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: fl
             deadline = None if duration is None else time.monotonic() + duration
             try:
                 while deadline is None or time.monotonic() < deadline:
-                    for flow in tracer.poll(200):
-                        if table.update(flow):
-                            print(json_line(flow.to_dict()) if as_json else stream_line(flow, offset),
-                                  file=out, flush=True)
+                    for flow in session.pump(200):
+                        print(json_line(flow.to_dict()) if as_json else stream_line(flow, offset),
+                              file=out, flush=True)
             except (KeyboardInterrupt, _Stop):
                 pass
-            for flow in tracer.poll(0):          # notices that arrived while stopping
-                table.update(flow)
-            for flow in tracer.snapshot():
-                table.update(flow)
-            losses = tracer.losses()
+            # A second Ctrl-C while finishing must not lose the summary or the trailer.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            result = session.finish()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    flows = list(table)
-    result = TraceResult(flows, verdict(flows, own), losses, own)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if as_json:
         print(json_line(summary_object(result.flows, result.verdict, result.losses)), file=out, flush=True)
     else:
-        print(summary_text(result.flows, result.verdict, result.losses, own), file=out, flush=True)
+        print(summary_text(result.flows, result.verdict, result.losses, result.own), file=out, flush=True)
     return result
