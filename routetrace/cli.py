@@ -2,8 +2,10 @@
 stderr and exit code 2, here and nowhere else."""
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import signal
 import sys
 
 import click
@@ -100,6 +102,68 @@ def _prepare(command: str, filters: probes.Filters):
     return plan, facts.headers.path
 
 
+def _addresses(_ctx, param, values):
+    out = []
+    for value in values:
+        try:
+            out.append(str(ipaddress.IPv4Address(value)))
+        except ValueError:
+            raise UsageError(f"--{param.name} must be an IPv4 address, not {value!r}") from None
+    return out
+
+
+@cli.command()
+@click.option("--port", "-p", callback=_port, default="8888", show_default=True, help="Port to connect to.")
+@click.option("--sandbox", is_flag=True,
+              help="Run in a throwaway namespace with eth0 = 198.51.100.1/24 and a peer 198.51.100.2 as control.")
+@click.option("--to", "to", multiple=True, callback=_addresses, metavar="ADDR",
+              help="Own address to test (repeatable); default: every IPv4 address on this host.")
+@click.option("--control", multiple=True, callback=_addresses, metavar="ADDR",
+              help="A non-local destination that must leave on a real device (with a listener on --port).")
+@click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
+@click.option("--closed", is_flag=True, help="Connect to a port nothing listens on: the SYN is answered by RST.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the table.")
+@click.option("--record", "-w", metavar="FILE", help="Also write the trace to FILE.")
+def prove(port, sandbox, to, control, proto, closed, as_json, record):
+    """Connect to 127.0.0.1 and to own addresses while tracing: do both leave on lo?
+
+    Exit status: 0 the claim held, 1 it did not, 2 usage or environment error.
+    """
+    from . import prove as experiment_prove
+    from .experiment import Sandbox, start_listener
+    if closed and proto == "udp":
+        raise UsageError("--closed goes with --proto tcp (a closed UDP port answers with ICMP, which has no port)")
+    if sandbox and (to or control):
+        raise UsageError("--sandbox chooses its own addresses: drop --to/--control")
+    _require_root("prove")
+    from .tracer import import_bcc
+    import_bcc()
+    with contextlib.ExitStack() as stack:
+        if sandbox:
+            sb = stack.enter_context(Sandbox())
+            ns, own, controls = sb.host, [sb.own_addr], [sb.peer_addr]
+            if not closed:
+                sb.serve(sb.peer, port)
+        else:
+            ns, controls = None, list(control)
+            own = list(to) or sorted((a for a in netns.addresses(netns.current_inode())
+                                      if not ipaddress.ip_address(a).is_loopback), key=ipaddress.ip_address)
+        if not own:
+            raise UsageError("this host has no IPv4 address besides loopback: give one with --to, or use --sandbox")
+        if not closed:
+            listener = start_listener(ns, [port])
+            stack.callback(lambda: (listener.kill(), listener.wait()))
+        table = experiment_prove.local_table(ns)
+        targets = [experiment_prove.Target("127.0.0.1", "loopback", *experiment_prove.local_entry("127.0.0.1", table))]
+        targets += [experiment_prove.Target(a, "own-address", *experiment_prove.local_entry(a, table)) for a in own]
+        targets += [experiment_prove.Target(a, experiment_prove.CONTROL) for a in controls]
+        inode = netns.resolve(ns)[0] if ns else netns.current_inode()
+        plan, headers = _prepare("prove", probes.Filters(port=port, netns=inode))
+        code = experiment_prove.run(plan, headers, ns=ns, targets=targets, port=port, proto=proto,
+                                    closed=closed, record=record, as_json=as_json)
+    sys.exit(code)
+
+
 @cli.command()
 @click.argument("trace_file", metavar="FILE")
 def report(trace_file):
@@ -192,10 +256,14 @@ def doctor():
 
 
 def main(argv=None) -> int:
+    # SIGTERM unwinds like Ctrl-C would: namespaces, listeners and recordings are closed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         cli.main(args=argv, prog_name="routetrace", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0
     except click.ClickException as exc:
         click.echo(f"routetrace: {exc.format_message()}", err=True)
         return 2

@@ -62,24 +62,37 @@ class Sandbox:
             if ns:
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
-    def run_in(self, ns: str, *args: str, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "routetrace.experiment", *args],
-                              capture_output=True, text=True, check=False, **kw)
+    def serve(self, ns: str | None, *ports: int, kind: str = "serve") -> None:
+        self._procs.append(start_listener(ns, ports, kind))
 
-    def serve(self, ns: str, *ports: int) -> None:
-        """A listener on every address of `ns`, on each port; ready when this returns."""
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "routetrace.experiment",
-                                 "serve", *map(str, ports)], stdout=subprocess.PIPE, text=True)
-        self._procs.append(proc)
-        if proc.stdout.readline().strip() != "ready":
-            raise EnvironmentProblem(f"listener in {ns} on {ports} did not start")
+    def connect(self, ns: str | None, host: str, port: int, proto: str = "tcp") -> str:
+        return connect_from(ns, host, port, proto)
 
-    def connect(self, ns: str, host: str, port: int, proto: str = "tcp") -> str:
-        """Connect from `ns`; returns "ok" or "refused"."""
-        out = self.run_in(ns, "connect", host, str(port), "--proto", proto, timeout=20)
-        if out.returncode != 0:
-            raise EnvironmentProblem(f"client {host}:{port} in {ns} failed: {out.stderr.strip()}")
-        return out.stdout.strip()
+
+def _argv(ns: str | None, *args: str) -> list[str]:
+    """This module run as a helper process, inside network namespace `ns` (None: this one)."""
+    prefix = ["ip", "netns", "exec", ns] if ns else []
+    return [*prefix, sys.executable, "-m", "routetrace.experiment", *args]
+
+
+def start_listener(ns: str | None, ports, kind: str = "serve") -> subprocess.Popen:
+    """A listener on every address of `ns`, on each port; ready when this returns."""
+    proc = subprocess.Popen(_argv(ns, kind, *map(str, ports)), stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        proc.wait()
+        raise EnvironmentProblem(f"could not listen on port {', '.join(map(str, ports))}"
+                                 f"{f' in {ns}' if ns else ''} (in use?)")
+    return proc
+
+
+def connect_from(ns: str | None, host: str, port: int, proto: str = "tcp") -> str:
+    """Connect from `ns`, send a line, expect it back; returns "ok" or "refused"."""
+    out = subprocess.run(_argv(ns, "connect", host, str(port), "--proto", proto),
+                         capture_output=True, text=True, check=False, timeout=30)
+    if out.returncode != 0:
+        raise EnvironmentProblem(f"client to {host}:{port} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return out.stdout.strip()
 
 
 # ---- the processes that run inside a namespace -------------------------------------------

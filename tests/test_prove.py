@@ -1,0 +1,115 @@
+"""prove: judged rows and exit codes from flows (no root), and the sandboxed run on this kernel."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from routetrace.prove import CONTROL, Target, judge, local_entry, render, verdict
+from routetrace.record import read_trace
+from conftest import FIXTURES
+
+PORT = 8888
+TABLE = [  # `ip -j route show table local` in the sandbox namespace
+    {"type": "local", "dst": "127.0.0.0/8", "dev": "lo", "protocol": "kernel", "scope": "host", "prefsrc": "127.0.0.1"},
+    {"type": "local", "dst": "127.0.0.1", "dev": "lo", "protocol": "kernel", "scope": "host", "prefsrc": "127.0.0.1"},
+    {"type": "broadcast", "dst": "127.255.255.255", "dev": "lo"},
+    {"type": "local", "dst": "198.51.100.1", "dev": "eth0", "protocol": "kernel", "scope": "host"},
+]
+TARGETS = [Target("127.0.0.1", "loopback", *local_entry("127.0.0.1", TABLE)),
+           Target("198.51.100.1", "own-address", *local_entry("198.51.100.1", TABLE)),
+           Target("198.51.100.2", CONTROL)]
+
+
+@pytest.fixture
+def flows():
+    return read_trace(FIXTURES / "trace-tracepoint-6.18.jsonl").flows
+
+
+def test_local_table_entry_most_specific_wins():
+    assert local_entry("127.0.0.1", TABLE) == ("local 127.0.0.1 dev lo", "lo")
+    assert local_entry("127.9.9.9", TABLE) == ("local 127.0.0.0/8 dev lo", "lo")
+    assert local_entry("198.51.100.1", TABLE) == ("local 198.51.100.1 dev eth0", "eth0")
+    assert local_entry("198.51.100.2", TABLE) == (None, None)
+
+
+def test_recorded_flows_prove_the_claim(flows):
+    rows = [judge(t, "ok", flows, PORT) for t in TARGETS]
+    assert [r.ok for r in rows] == [True, True, True]
+    code, text = verdict(rows)
+    assert code == 0 and text.startswith("the claim holds")
+    own = rows[1]
+    assert own.fib_devs == ["eth0"] and own.route_devs == ["lo"] and own.xmit_devs == {"lo": 10}
+    table = render(rows, code, text, None)
+    assert "eth0:0 lo:10" in table          # the zero on eth0 is the tcpdump experiment
+    assert "local 198.51.100.1 dev eth0" in table
+
+
+def test_flows_that_left_on_a_physical_device_exit_1_and_name_the_row(flows):
+    for f in flows:
+        if f.daddr == "198.51.100.1" and f.dport == PORT:
+            f.xmit_devs = {"eth0": f.packets}
+    rows = [judge(t, "ok", flows, PORT) for t in TARGETS]
+    code, text = verdict(rows)
+    assert code == 1
+    assert text == "the claim did NOT hold: 198.51.100.1 (own-address): 5 packets left on eth0, not lo"
+    assert "FAILED: 5 packets left on eth0, not lo" in render(rows, code, text, None)
+
+
+def test_a_control_on_lo_or_a_missing_destination_fails(flows):
+    on_lo = [f for f in flows if f.daddr != "198.51.100.2"]
+    rows = [judge(t, "ok", on_lo, PORT) for t in TARGETS]
+    assert rows[2].ok is False and rows[2].why == "no packets were seen for this destination"
+    assert verdict(rows)[0] == 1
+    assert verdict(rows[:1])[0] == 1        # no own-address row: nothing was tested
+    code, text = verdict(rows[:2])
+    assert code == 0 and "no non-local control" in text
+
+
+
+
+def _prove(*args):
+    return subprocess.run([sys.executable, "-m", "routetrace", "prove", "--sandbox", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _namespaces():
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("args", [[], ["--proto", "udp"], ["--closed"]], ids=["tcp", "udp", "closed"])
+def test_sandboxed_prove_holds_on_this_kernel(bpf_ready, args):
+    before = _namespaces()
+    out = _prove("--json", *args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    rows = {r["kind"]: r for r in result["rows"]}
+    for kind in ("loopback", "own-address"):
+        assert rows[kind]["route_types"] == ["LOCAL"] and rows[kind]["route_devs"] == ["lo"]
+        assert set(rows[kind]["xmit_devs"]) == {"lo"}
+    assert rows["own-address"]["local_entry"] == "local 198.51.100.1 dev eth0"
+    assert rows["own-address"]["fib_devs"] == ["eth0"]
+    assert rows["control"]["route_types"] == ["UNICAST"] and set(rows["control"]["xmit_devs"]) == {"eth0"}
+    expected_client = "refused" if "--closed" in args else "ok"
+    assert {r["client"] for r in result["rows"]} == {expected_client}
+    if "--closed" in args:       # SYN out and RST back, both on lo
+        assert rows["loopback"]["xmit_devs"] == {"lo": 2}
+    assert result["verdict"]["exit"] == 0
+    assert _namespaces() == before           # the sandbox is gone
+
+
+@pytest.mark.bpf
+def test_sandboxed_prove_human_table(bpf_ready):
+    out = _prove()
+    assert out.returncode == 0, out.stderr
+    assert "eth0:0 lo:" in out.stdout and "verdict: the claim holds" in out.stdout
+
+
+def test_prove_usage_errors():
+    out = subprocess.run([sys.executable, "-m", "routetrace", "prove", "--closed", "--proto", "udp"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--closed goes with --proto tcp" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "routetrace", "prove", "--sandbox", "--to", "10.0.0.1"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "--sandbox chooses its own addresses" in out.stderr
