@@ -130,7 +130,7 @@ def prove(port, sandbox, to, control, proto, closed, as_json, record):
     Exit status: 0 the claim held, 1 it did not, 2 usage or environment error.
     """
     from . import prove as experiment_prove
-    from .experiment import Sandbox, start_listener
+    from .experiment import Sandbox, start_listener, stop_process
     if closed and proto == "udp":
         raise UsageError("--closed goes with --proto tcp (a closed UDP port answers with ICMP, which has no port)")
     if sandbox and (to or control):
@@ -151,8 +151,7 @@ def prove(port, sandbox, to, control, proto, closed, as_json, record):
         if not own:
             raise UsageError("this host has no IPv4 address besides loopback: give one with --to, or use --sandbox")
         if not closed:
-            listener = start_listener(ns, [port])
-            stack.callback(lambda: (listener.kill(), listener.wait()))
+            stack.callback(stop_process, start_listener(ns, [port]))
         table = experiment_prove.local_table(ns)
         targets = [experiment_prove.Target("127.0.0.1", "loopback", *experiment_prove.local_entry("127.0.0.1", table))]
         targets += [experiment_prove.Target(a, "own-address", *experiment_prove.local_entry(a, table)) for a in own]
@@ -162,6 +161,62 @@ def prove(port, sandbox, to, control, proto, closed, as_json, record):
         code = experiment_prove.run(plan, headers, ns=ns, targets=targets, port=port, proto=proto,
                                     closed=closed, record=record, as_json=as_json)
     sys.exit(code)
+
+
+@cli.command()
+@click.option("--sandbox", is_flag=True, help="Measure inside a throwaway namespace (eth0 = 198.51.100.1).")
+@click.option("--to", "to", multiple=True, callback=_addresses, metavar="ADDR",
+              help="Own address to compare with 127.0.0.1; default: the first IPv4 address on this host.")
+@click.option("--duration", "-d", type=float, default=1.0, show_default=True, callback=_duration,
+              help="Seconds per measurement slice.")
+@click.option("--rounds", "-r", type=click.IntRange(2, 100), default=5, show_default=True,
+              help="Interleaved rounds (each measures every target and metric once).")
+@click.option("--port", "-p", callback=_port, default="9100", show_default=True,
+              help="Base port: PORT echo, PORT+1 bulk sink, PORT+2 accept-close.")
+@click.option("--trace", "with_trace", is_flag=True,
+              help="Also measure with routetrace's probes attached, and report their cost.")
+def bench(sandbox, to, duration, rounds, port, with_trace):
+    """Is 127.0.0.1 faster than an own address? Latency, throughput and connection rate, with intervals."""
+    from . import bench as benchmark
+    from .experiment import Sandbox, bench_slice, start_listener, stop_process
+    if port > 65533:
+        raise UsageError("--port needs PORT+2 free as well: use at most 65533")
+    if sandbox and to:
+        raise UsageError("--sandbox chooses its own addresses: drop --to")
+    if sandbox or with_trace:
+        _require_root("bench")          # namespaces and probes both need it
+    with contextlib.ExitStack() as stack:
+        if sandbox:
+            sb = stack.enter_context(Sandbox())
+            ns, own = sb.host, sb.own_addr
+        else:
+            ns = None
+            own = (list(to) or sorted((a for a in netns.addresses(netns.current_inode())
+                                       if not ipaddress.ip_address(a).is_loopback), key=ipaddress.ip_address) or [None])[0]
+            if own is None:
+                raise UsageError("this host has no IPv4 address besides loopback: give one with --to, or use --sandbox")
+        server = start_listener(ns, [port], "bench-serve")
+        stack.callback(stop_process, server)
+        conditions, set_condition = ("untraced",), (lambda c: None)
+        if with_trace:
+            from .tracer import Tracer
+            inode = netns.resolve(ns)[0] if ns else netns.current_inode()
+            plan, headers = _prepare("bench", probes.Filters(netns=inode))
+            tracer = stack.enter_context(Tracer(plan, headers))
+            state = {"attached": True}
+
+            def set_condition(cond):
+                want = cond == "traced"
+                if state["attached"] != want:
+                    tracer.set_attached(want)
+                    state["attached"] = want
+            conditions = ("untraced", "traced")
+        total = rounds * len(conditions) * 2 * len(benchmark.MODES) * duration
+        click.echo(f"Measuring 127.0.0.1 against {own}: {rounds} rounds, about {total:.0f}s...", err=True)
+        samples = benchmark.run(lambda mode, target, secs: bench_slice(ns, mode, target, port, secs),
+                                ["127.0.0.1", own], rounds=rounds, seconds=duration,
+                                conditions=conditions, set_condition=set_condition)
+        click.echo(benchmark.render(samples, "127.0.0.1", own, conditions))
 
 
 @cli.command()

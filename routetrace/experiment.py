@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import secrets
 import socket
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -54,9 +55,7 @@ class Sandbox:
 
     def __exit__(self, *exc) -> None:
         for proc in self._procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            stop_process(proc)
         self._procs.clear()
         for ns in (self.host, self.peer):
             if ns:
@@ -73,6 +72,22 @@ def _argv(ns: str | None, *args: str) -> list[str]:
     """This module run as a helper process, inside network namespace `ns` (None: this one)."""
     prefix = ["ip", "netns", "exec", ns] if ns else []
     return [*prefix, sys.executable, "-m", "routetrace.experiment", *args]
+
+
+def bench_slice(ns: str | None, mode: str, host: str, base: int, seconds: float) -> dict:
+    import json
+    out = subprocess.run(_argv(ns, "bench-client", mode, host, str(base), str(seconds)),
+                         capture_output=True, text=True, check=False, timeout=seconds + 60)
+    if out.returncode != 0:
+        raise EnvironmentProblem(f"benchmark client ({mode} to {host}) failed: "
+                                 f"{(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(out.stdout)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
 
 
 def start_listener(ns: str | None, ports, kind: str = "serve") -> subprocess.Popen:
@@ -150,6 +165,90 @@ def connect(host: str, port: int, proto: str) -> str:
         return "refused"
 
 
+# ---- benchmark endpoints: base port = request/response echo, +1 = bulk sink, +2 = accept-close ----
+
+BULK_CHUNK = 64 * 1024
+
+
+def _echo(conn: socket.socket) -> None:
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while data := conn.recv(4096):
+            conn.sendall(data)
+
+
+def _sink(conn: socket.socket) -> None:
+    with conn:
+        total = 0
+        while data := conn.recv(1 << 20):
+            total += len(data)
+        conn.sendall(str(total).encode())
+
+
+def bench_serve(base: int) -> None:
+    import threading
+
+    def accept_loop(sock, handler):
+        while True:
+            conn, _ = sock.accept()
+            if handler is None:
+                conn.close()
+            else:
+                threading.Thread(target=handler, args=(conn,), daemon=True).start()
+
+    socks = []
+    for offset, handler in ((0, _echo), (1, _sink), (2, None)):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", base + offset))
+        sock.listen(1024)
+        socks.append((sock, handler))
+    for sock, handler in socks[1:]:
+        threading.Thread(target=accept_loop, args=(sock, handler), daemon=True).start()
+    print("ready", flush=True)
+    accept_loop(*socks[0])
+
+
+def bench_client(mode: str, host: str, base: int, seconds: float) -> dict:
+    """One timed slice. rr: 1-byte ping-pong latencies; bulk: bytes/s one way; conn: connects/s."""
+    from time import perf_counter, perf_counter_ns
+    end = perf_counter() + seconds
+    if mode == "rr":
+        lat = []
+        with socket.create_connection((host, base)) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while perf_counter() < end:
+                t0 = perf_counter_ns()
+                s.sendall(b"x")
+                s.recv(1)
+                lat.append(perf_counter_ns() - t0)
+        lat.sort()
+        return {"ops": len(lat), "p50_us": lat[len(lat) // 2] / 1e3,
+                "p99_us": lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1e3}
+    if mode == "bulk":
+        chunk = b"\0" * BULK_CHUNK
+        with socket.create_connection((host, base + 1)) as s:
+            start, sent = perf_counter(), 0
+            while perf_counter() < end:
+                s.sendall(chunk)
+                sent += len(chunk)
+            s.shutdown(socket.SHUT_WR)
+            acked = int(s.recv(64))
+            elapsed = perf_counter() - start
+        return {"bytes": acked, "mb_per_s": acked / elapsed / 1e6}
+    # Close with RST (linger 0): no TIME_WAIT piles up, so ephemeral ports never run out and
+    # late rounds measure the same thing as early ones.
+    linger = struct.pack("ii", 1, 0)
+    count, start = 0, perf_counter()
+    while perf_counter() < end:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        s.connect((host, base + 2))
+        s.close()
+        count += 1
+    return {"connections": count, "per_s": count / (perf_counter() - start)}
+
+
 def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="routetrace.experiment")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -159,9 +258,21 @@ def _main(argv: list[str]) -> int:
     c.add_argument("host")
     c.add_argument("port", type=int)
     c.add_argument("--proto", choices=("tcp", "udp"), default="tcp")
+    bs = sub.add_parser("bench-serve")
+    bs.add_argument("base", type=int)
+    bc = sub.add_parser("bench-client")
+    bc.add_argument("mode", choices=("rr", "bulk", "conn"))
+    bc.add_argument("host")
+    bc.add_argument("base", type=int)
+    bc.add_argument("seconds", type=float)
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         serve(args.ports)
+    elif args.cmd == "bench-serve":
+        bench_serve(args.base)
+    elif args.cmd == "bench-client":
+        import json
+        print(json.dumps(bench_client(args.mode, args.host, args.base, args.seconds)))
     else:
         print(connect(args.host, args.port, args.proto))
     return 0

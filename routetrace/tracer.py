@@ -56,6 +56,17 @@ class Tracer:
             self._bpf.cleanup()
             self._bpf = None
 
+    def set_attached(self, attached: bool) -> None:
+        """Detach or re-attach the probes without unloading (bench measures their cost this way)."""
+        for kind, target in self.plan.attachments:
+            if kind != "tracepoint":
+                raise EnvironmentProblem(f"cannot toggle {kind} probes")
+            if attached:
+                category, event = target.split(":")
+                self._bpf.attach_tracepoint(tp=target.encode(), fn_name=f"tracepoint__{category}__{event}".encode())
+            else:
+                self._bpf.detach_tracepoint(tp=target.encode())
+
     def _on_new_flow(self, _ctx, data, _size) -> None:
         ev = ctypes.cast(data, ctypes.POINTER(self._event_type)).contents
         first_dev = ev.xmit_dev.decode("ascii", "replace")
