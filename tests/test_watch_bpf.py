@@ -3,6 +3,8 @@
 Namespace "host" has eth0 = 198.51.100.1/24 (its own address); "peer" is 198.51.100.2.
 """
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -90,3 +92,44 @@ def test_human_output_streams_lines_and_ends_with_the_verdict(sandbox, live):
     assert any(f"{sandbox.own_addr}:8888" in line for line in stream)
     assert "verdict: same path: 127.0.0.1-range and own-address flows both left on lo" in out
     assert "lost: nothing" in out
+
+
+def _waiting_client(ns, host, port):
+    """A client in `ns` that connects when told to: its pid is known before its first packet."""
+    code = ("import socket, sys; sys.stdin.readline(); "
+            f"s = socket.create_connection(({host!r}, {port})); s.sendall(b'x'); s.recv(1); s.close()")
+    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", code],
+                            stdin=subprocess.PIPE, text=True)
+
+
+def test_pid_filter_keeps_only_flows_that_process_started(sandbox, live):
+    sandbox.serve(sandbox.host, 8888)
+    chosen = _waiting_client(sandbox.host, "127.0.0.1", 8888)
+    other = _waiting_client(sandbox.host, "127.0.0.1", 8888)
+    try:
+        run = live("watch", "--pid", str(chosen.pid), "--json")
+        for proc in (other, chosen):
+            proc.communicate("go\n", timeout=30)
+            assert proc.returncode == 0
+        rc, out, err = run.stop()
+    finally:
+        for proc in (chosen, other):
+            if proc.poll() is None:
+                proc.kill()
+    assert rc == 0, err
+    flows = json_objects(out)[-1]["flows"]
+    assert flows and {f["pid"] for f in flows} == {chosen.pid}
+    assert any(f["dport"] == 8888 and f["daddr"] == "127.0.0.1" for f in flows)
+
+
+def test_host_filter_matches_source_or_destination(sandbox, live):
+    sandbox.serve(sandbox.host, 8888)
+    run = live("watch", "--netns", sandbox.host, "--host", sandbox.own_addr, "--json")
+    for target in ("127.0.0.1", sandbox.own_addr):
+        assert sandbox.connect(sandbox.host, target, 8888) == "ok"
+    rc, out, err = run.stop()
+    assert rc == 0, err
+    flows = json_objects(out)[-1]["flows"]
+    assert len(flows) == 2
+    assert all(sandbox.own_addr in (f["saddr"], f["daddr"]) for f in flows)
+    assert not [f for f in flows if "127.0.0.1" in (f["saddr"], f["daddr"])]
