@@ -126,6 +126,6 @@ def render(samples: Samples, loopback: str, own: str, conditions) -> str:
                     "measurable cost" if (ratio.mean > 1) == lower else "measurably faster traced (noise?)")
                 trows.append((target, f"{metric} ({unit})", _fmt(samples.get("untraced", target, metric)),
                               _fmt(samples.get("traced", target, metric)), str(ratio), cost))
-        out += "\n\nrouting probes' own cost (traced / untraced):\n" + tabulate(
+        out += "\n\ncost of routetrace's own probes (traced / untraced):\n" + tabulate(
             trows, headers=("TARGET", "METRIC (median)", "untraced", "traced", "ratio [95% CI]", ""))
     return out
