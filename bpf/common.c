@@ -7,6 +7,16 @@
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
 #include <uapi/linux/in.h>
+#ifdef OFFSETS_FROM_HEADERS
+/* The running kernel's own headers: OFF_* are offsetof() expressions over these. */
+#include <linux/skbuff.h>
+#include <linux/netdevice.h>
+#include <linux/nsproxy.h>
+#include <net/net_namespace.h>
+#include <net/route.h>
+#include <net/sock.h>
+#include <net/flow.h>
+#endif
 
 #define DEVNAME_LEN 16
 #define ETH_P_IP_BE 0x0008            /* htons(ETH_P_IP) as read from a little-endian u16 */
@@ -81,6 +91,23 @@ BPF_TABLE("lru_hash", struct flow_key, struct flow_value, flows, 16384);
 BPF_TABLE("lru_hash", struct xmit_key, struct xmit_value, xmits, 32768);
 BPF_TABLE("lru_hash", struct fib_key, struct fib_value, fib_answers, 4096);
 BPF_ARRAY(stats, u64, STAT_MAX);
+
+/* The kprobe plan's record of ip_route_output_key_hash's answers, by destination. */
+struct route_key {
+    u32 netns;
+    u32 daddr;
+};
+
+struct route_value {
+    u16 rt_type;
+    u16 pad;
+    u32 pad2;
+    char dev[DEVNAME_LEN];
+};
+
+#ifdef ROUTE_DECISIONS
+BPF_TABLE("lru_hash", struct route_key, struct route_value, route_answers, 4096);
+#endif
 BPF_RINGBUF_OUTPUT(new_flows, 64);
 
 static __always_inline void count_stat(int idx)
@@ -175,6 +202,41 @@ static __always_inline void *route_of(void *skb)
     return read_ptr(sk, OFF_SK_DST_CACHE);
 }
 
+/* The kprobe plan: what the routing function itself returned for this destination, as its
+ * kretprobe saw it. Decisions made before tracing began fall back to the packet's route. */
+static __always_inline int route_decided(struct flow_key *key, struct flow_value *init)
+{
+#ifdef ROUTE_DECISIONS
+    struct route_key rk = {.netns = key->netns, .daddr = key->daddr};
+    struct route_value *decided = route_answers.lookup(&rk);
+    if (decided) {
+        init->has_route = 1;
+        init->route_type = decided->rt_type;
+        __builtin_memcpy(init->route_dev, decided->dev, DEVNAME_LEN);
+        return 1;
+    }
+#endif
+    return 0;
+}
+
+/* Reserved and submitted in one place: older verifiers (6.1) lose track of a reservation
+ * held across other branches. */
+static __always_inline void notify_new_flow(struct flow_key *key, struct flow_value *init,
+                                            void *dev, u16 tot_len)
+{
+    struct new_flow_event *ev = new_flows.ringbuf_reserve(sizeof(*ev));
+    if (!ev) {
+        count_stat(STAT_EVENTS_DROPPED);
+        return;
+    }
+    ev->key = *key;
+    ev->value = *init;
+    ev->value.packets = 1;            /* the packet that created it, counted by the caller */
+    ev->value.bytes = tot_len;
+    bpf_probe_read_kernel(&ev->xmit_dev, DEVNAME_LEN, dev + OFF_NETDEV_NAME);
+    new_flows.ringbuf_submit(ev, 0);
+}
+
 /* Parse an IPv4 skb about to be transmitted on `dev` and account it to its flow. */
 static __always_inline int account_xmit(void *skb)
 {
@@ -217,7 +279,6 @@ static __always_inline int account_xmit(void *skb)
 
     u64 now = bpf_ktime_get_ns();
     struct flow_value *fv = flows.lookup(&key);
-    struct new_flow_event *ev = 0;
     if (!fv) {
 #ifdef FILTER_PID
         if ((bpf_get_current_pid_tgid() >> 32) != FILTER_PID)
@@ -226,7 +287,7 @@ static __always_inline int account_xmit(void *skb)
         struct flow_value init = {.first_ns = now, .last_ns = now};
         init.pid = bpf_get_current_pid_tgid() >> 32;
         bpf_get_current_comm(&init.comm, sizeof(init.comm));
-        void *rt = route_of(skb);
+        void *rt = route_decided(&key, &init) ? 0 : route_of(skb);
         if (rt) {
             init.has_route = 1;
             bpf_probe_read_kernel(&init.route_type, sizeof(init.route_type), rt + OFF_RTABLE_RT_TYPE);
@@ -241,25 +302,14 @@ static __always_inline int account_xmit(void *skb)
             init.fib_table = fib->table;
             __builtin_memcpy(init.fib_dev, fib->dev, DEVNAME_LEN);
         }
-        if (flows.insert(&key, &init) == 0) {
-            ev = new_flows.ringbuf_reserve(sizeof(*ev));
-            if (ev) {
-                ev->key = key;
-                ev->value = init;
-                ev->value.packets = 1;   /* the packet that created it, counted below */
-                ev->value.bytes = tot_len;
-                bpf_probe_read_kernel(&ev->xmit_dev, DEVNAME_LEN, dev + OFF_NETDEV_NAME);
-            } else {
-                count_stat(STAT_EVENTS_DROPPED);
-            }
-        }
+        int created = flows.insert(&key, &init) == 0;
         fv = flows.lookup(&key);      /* inserted by us or, racing, by another CPU */
         if (!fv) {
             count_stat(STAT_FLOW_MAP_FULL);
-            if (ev)
-                new_flows.ringbuf_discard(ev, 0);
             return 0;
         }
+        if (created)
+            notify_new_flow(&key, &init, dev, tot_len);
     }
     fv->last_ns = now;
     __sync_fetch_and_add(&fv->packets, 1);
@@ -280,8 +330,5 @@ static __always_inline int account_xmit(void *skb)
     } else {
         count_stat(STAT_XMIT_MAP_FULL);
     }
-    /* Submitted last, so the counters it announces are already in the maps. */
-    if (ev)
-        new_flows.ringbuf_submit(ev, 0);
     return 0;
 }

@@ -77,7 +77,11 @@ def cli():
 @click.option("--json", "as_json", is_flag=True, help="JSON lines: one per new flow, then a summary.")
 @click.option("--duration", "-d", type=float, callback=_duration, help="Stop after SECONDS.")
 @click.option("--record", "-w", metavar="FILE", help="Also write the trace to FILE (JSON lines, see README).")
-def watch(port, host, pid, netns_spec, as_json, duration, record):
+@click.option("--backend", type=click.Choice(probes.BACKENDS), default="auto", show_default=True,
+              envvar="ROUTETRACE_BACKEND",
+              help="kprobe: the design card's probes; tracepoint: for kernels without kprobes.")
+@click.option("--dry-run", is_flag=True, help="Print the attach plan and offsets; load nothing.")
+def watch(port, host, pid, netns_spec, as_json, duration, record, backend, dry_run):
     """Show the kernel's route decision for each new flow, live; summary and verdict at the end.
 
     \b
@@ -87,19 +91,24 @@ def watch(port, host, pid, netns_spec, as_json, duration, record):
     """
     from .watch import watch as run_watch
     filters = build_filters(port, host, pid, netns_spec)
-    plan, headers = _prepare("watch", filters)
+    if dry_run:
+        facts = kernel.gather(prepare_headers=os.geteuid() == 0)
+        click.echo(probes.choose(facts, filters, backend).render())
+        return
+    plan, headers = _prepare("watch", filters, backend)
     run_watch(plan, headers, as_json=as_json, duration=duration, record=record)
 
 
-def _prepare(command: str, filters: probes.Filters):
+def _prepare(command: str, filters: probes.Filters, backend: str = "auto"):
     """Everything a live trace needs, checked in the order a user can fix it."""
     from .tracer import import_bcc
     _require_root(command)
     import_bcc()
     kernel.mount_tracefs()
     facts = kernel.gather(prepare_headers=True)
-    plan = probes.choose(facts, filters)
-    return plan, facts.headers.path
+    plan = probes.choose(facts, filters, backend)
+    # bcc finds the running kernel's own headers by itself; others it is pointed at.
+    return plan, None if facts.headers.matches else facts.headers.path
 
 
 def _addresses(_ctx, param, values):
@@ -124,7 +133,9 @@ def _addresses(_ctx, param, values):
 @click.option("--closed", is_flag=True, help="Connect to a port nothing listens on: the SYN is answered by RST.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the table.")
 @click.option("--record", "-w", metavar="FILE", help="Also write the trace to FILE.")
-def prove(port, sandbox, to, control, proto, closed, as_json, record):
+@click.option("--backend", type=click.Choice(probes.BACKENDS), default="auto", show_default=True,
+              envvar="ROUTETRACE_BACKEND")
+def prove(port, sandbox, to, control, proto, closed, as_json, record, backend):
     """Connect to 127.0.0.1 and to own addresses while tracing: do both leave on lo?
 
     Exit status: 0 the claim held, 1 it did not, 2 usage or environment error.
@@ -157,7 +168,7 @@ def prove(port, sandbox, to, control, proto, closed, as_json, record):
         targets += [experiment_prove.Target(a, "own-address", *experiment_prove.local_entry(a, table)) for a in own]
         targets += [experiment_prove.Target(a, experiment_prove.CONTROL) for a in controls]
         inode = netns.resolve(ns)[0] if ns else netns.current_inode()
-        plan, headers = _prepare("prove", probes.Filters(port=port, netns=inode))
+        plan, headers = _prepare("prove", probes.Filters(port=port, netns=inode), backend)
         code = experiment_prove.run(plan, headers, ns=ns, targets=targets, port=port, proto=proto,
                                     closed=closed, record=record, as_json=as_json)
     sys.exit(code)
@@ -175,7 +186,10 @@ def prove(port, sandbox, to, control, proto, closed, as_json, record):
               help="Base port: PORT echo, PORT+1 bulk sink, PORT+2 accept-close.")
 @click.option("--trace", "with_trace", is_flag=True,
               help="Also measure with routetrace's probes attached, and report their cost.")
-def bench(sandbox, to, duration, rounds, port, with_trace):
+@click.option("--backend", type=click.Choice(probes.BACKENDS), default="auto", show_default=True,
+              envvar="ROUTETRACE_BACKEND",
+              help="Which probes --trace attaches.")
+def bench(sandbox, to, duration, rounds, port, with_trace, backend):
     """Is 127.0.0.1 faster than an own address? Latency, throughput and connection rate, with intervals."""
     from . import bench as benchmark
     from .experiment import Sandbox, bench_slice, start_listener, stop_process
@@ -201,7 +215,7 @@ def bench(sandbox, to, duration, rounds, port, with_trace):
         if with_trace:
             from .tracer import Tracer
             inode = netns.resolve(ns)[0] if ns else netns.current_inode()
-            plan, headers = _prepare("bench", probes.Filters(netns=inode))
+            plan, headers = _prepare("bench", probes.Filters(netns=inode), backend)
             tracer = stack.enter_context(Tracer(plan, headers))
             state = {"attached": True}
 
@@ -298,14 +312,7 @@ def doctor():
     except RoutetraceError as exc:
         problems.append(str(exc))
     else:
-        click.echo(f"\nattach plan: {plan.backend}")
-        for kind, target in plan.attachments:
-            click.echo(f"  {kind:<11} {target}")
-        for reason in plan.reasons:
-            click.echo(f"  because {reason}")
-        click.echo("offsets:")
-        for o in plan.offsets:
-            click.echo(f"  {o.define:<24} {o.path:<34} {o.value:>6}  ({o.source})")
+        click.echo("\n" + plan.render())
     if problems:
         raise EnvironmentProblem("cannot trace here: " + "; ".join(problems))
 

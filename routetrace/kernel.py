@@ -37,11 +37,15 @@ class KernelFacts:
     symbols: dict[str, str] = field(default_factory=dict)
     headers: Headers | None = None
     bcc_version: str | None = None
+    # fib:fib_table_lookup's device name: a fixed char[16] (5.15+) or a __data_loc string (5.10)
+    fib_name_data_loc: bool = False
 
     @property
     def xmit_function(self) -> str | None:
         """The transmit function to kprobe: never the local out-of-line copy of the inline wrapper."""
-        if "__dev_queue_xmit" in self.symbols:
+        # Since 5.18 __dev_queue_xmit is the exported function and dev_queue_xmit an inline
+        # wrapper (with a rarely used local copy); before, __dev_queue_xmit was static.
+        if self.symbols.get("__dev_queue_xmit") == "T":
             return "__dev_queue_xmit"
         if self.symbols.get("dev_queue_xmit") == "T":
             return "dev_queue_xmit"
@@ -61,7 +65,16 @@ def gather(prepare_headers: bool = False) -> KernelFacts:
         symbols=read_symbols(SYMBOLS),
         headers=find_headers(release, prepare=prepare_headers),
         bcc_version=bcc_version(),
+        fib_name_data_loc=_field_is_data_loc(tracefs, "fib/fib_table_lookup", "name"),
     )
+
+
+def _field_is_data_loc(tracefs: Path | None, tracepoint: str, field_name: str) -> bool:
+    try:
+        fmt = (tracefs / "events" / tracepoint / "format").read_text() if tracefs else ""
+    except OSError:
+        return False
+    return re.search(rf"field:__data_loc [^;]*\b{field_name};", fmt) is not None
 
 
 def find_tracefs() -> Path | None:

@@ -1,21 +1,24 @@
 """The attach plan: which BPF program goes where, chosen from the kernel facts before anything
-is loaded, so it can be printed (`doctor`) and explained."""
+is loaded, so it can be printed (`doctor`, `--dry-run`) and explained."""
 from __future__ import annotations
 
 import ipaddress
-import socket
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .btf import Btf
-from .errors import EnvironmentProblem
+from .errors import EnvironmentProblem, UsageError
 from .kernel import KernelFacts
 from .offsets import Offset, cflags as offset_cflags, resolve as resolve_offsets
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
-if not BPF_DIR.is_dir():                      # installed as a wheel: shipped inside the package
-    BPF_DIR = Path(__file__).resolve().parent / "bpf"
+
+BACKENDS = ("auto", "kprobe", "tracepoint")
+ROUTE_FUNCTION = "ip_route_output_key_hash"
+# Enough kretprobe instances for every CPU to be inside the route function many times over
+# (softirq replies nest inside process-context connects); misses are counted, not hidden.
+KRETPROBE_MAXACTIVE = 256
 
 
 @dataclass(frozen=True)
@@ -42,22 +45,33 @@ class Filters:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
+@dataclass(frozen=True)
+class Attachment:
+    kind: str                 # tracepoint | kprobe | kretprobe
+    target: str               # "net:net_dev_queue" or a kernel function
+    fn: str                   # the BPF function in bpf/*.c
+    maxactive: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.target}"
+
+
 @dataclass
 class AttachPlan:
-    backend: str                                      # "tracepoint" (or "kprobe")
+    backend: str                                      # "tracepoint" or "kprobe"
     sources: list[Path]                               # compiled as one unit, in this order
-    attachments: list[tuple[str, str]]                # (kind, target)
+    attachments: list[Attachment]
     offsets: list[Offset]
     filters: Filters
     reasons: list[str] = field(default_factory=list)
+    extra_cflags: list[str] = field(default_factory=list)
 
     @property
     def cflags(self) -> list[str]:
-        return [*offset_cflags(self.offsets), *self.filters.cflags()]
+        return [*offset_cflags(self.offsets), *self.filters.cflags(), *self.extra_cflags]
 
     def describe(self) -> dict:
-        return {"backend": self.backend,
-                "attachments": [f"{kind} {target}" for kind, target in self.attachments],
+        return {"backend": self.backend, "attachments": [str(a) for a in self.attachments],
                 "offsets_from": self.offsets[0].source if self.offsets else None}
 
     def program_text(self) -> str:
@@ -65,24 +79,50 @@ class AttachPlan:
         main file, so the shared code cannot be an #include. #line keeps errors pointing home."""
         return "".join(f'#line 1 "{p}"\n{p.read_text()}\n' for p in self.sources)
 
+    def render(self) -> str:
+        lines = [f"attach plan: {self.backend}"]
+        lines += [f"  {a.kind:<11} {a.target:<26} -> {a.fn}" + (f" (maxactive {a.maxactive})" if a.maxactive else "")
+                  for a in self.attachments]
+        lines += [f"  because {r}" for r in self.reasons]
+        lines.append(f"  sources: {', '.join(p.name for p in self.sources)}")
+        lines.append(f"  filters: {' '.join(f'{k}={v}' for k, v in self.filters.describe().items()) or 'none'}")
+        lines.append("offsets:")
+        lines += [f"  {o.define:<24} {o.path:<34} {o.value:>6}  ({o.source})" for o in self.offsets]
+        return "\n".join(lines)
 
-TRACEPOINT_ATTACHMENTS = [("tracepoint", "fib:fib_table_lookup"), ("tracepoint", "net:net_dev_queue")]
+
+FIB_TRACEPOINT = Attachment("tracepoint", "fib:fib_table_lookup", "tracepoint__fib__fib_table_lookup")
+XMIT_TRACEPOINT = Attachment("tracepoint", "net:net_dev_queue", "tracepoint__net__net_dev_queue")
+
+
+def _kprobe_problem(facts: KernelFacts) -> str | None:
+    """Why the kprobe plan cannot run here, or None when it can."""
+    if not facts.kprobes:
+        return "kprobes are not available on this kernel (CONFIG_KPROBES off)"
+    if ROUTE_FUNCTION not in facts.symbols:
+        return f"{ROUTE_FUNCTION} is not in /proc/kallsyms"
+    if facts.xmit_function is None:
+        return "neither __dev_queue_xmit nor a global dev_queue_xmit is in /proc/kallsyms"
+    return None
 
 
 def choose(facts: KernelFacts, filters: Filters, backend: str = "auto") -> AttachPlan:
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     reasons = []
-    if backend == "kprobe" or (backend == "auto" and facts.kprobes):
-        # The kprobe plan is not built yet; auto must not pretend it is.
-        if backend == "kprobe":
-            raise EnvironmentProblem("the kprobe attach plan is not available in this version; use --backend tracepoint")
-        reasons.append("kprobes are available, but this version traces with tracepoints only")
-    elif not facts.kprobes:
-        reasons.append("kprobes are not available on this kernel (CONFIG_KPROBES off)")
-    missing = [tp for tp in ("fib/fib_table_lookup", "net/net_dev_queue") if not facts.tracepoints.get(tp)]
-    if missing:
-        where = facts.tracefs or "tracefs (not mounted)"
-        raise EnvironmentProblem(f"tracepoints {', '.join(missing)} are missing under {where}")
-    reasons.append("tracepoints fib:fib_table_lookup and net:net_dev_queue are present")
+    problem = _kprobe_problem(facts)
+    if backend == "kprobe" and problem:
+        raise EnvironmentProblem(f"--backend kprobe: {problem}; use --backend tracepoint")
+    use_kprobes = backend == "kprobe" or (backend == "auto" and problem is None)
+    if backend == "auto":
+        reasons.append(f"auto: {problem}" if problem else
+                       f"auto: kprobes available and {ROUTE_FUNCTION}, {facts.xmit_function} resolve")
+    else:
+        reasons.append(f"--backend {backend} asked for")
+    if not facts.tracepoints.get("fib/fib_table_lookup"):
+        raise EnvironmentProblem(f"tracepoint fib:fib_table_lookup is missing under {facts.tracefs or 'tracefs (not mounted)'}")
+    if not use_kprobes and not facts.tracepoints.get("net/net_dev_queue"):
+        raise EnvironmentProblem(f"tracepoint net:net_dev_queue is missing under {facts.tracefs or 'tracefs (not mounted)'}")
     if facts.headers is None:
         raise EnvironmentProblem(
             "no kernel headers for bcc: run scripts/setup, or apt install linux-headers-$(uname -r) "
@@ -94,5 +134,18 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto") -> Attac
     else:
         reasons.append(f"headers are for {facts.headers.release}, not {facts.release}: "
                        "struct offsets from BTF (/sys/kernel/btf/vmlinux)")
-    return AttachPlan("tracepoint", [BPF_DIR / "common.c", BPF_DIR / "tracepoint.c"], list(TRACEPOINT_ATTACHMENTS),
-                      offsets, filters, reasons)
+    fib_flags = ["-DFIB_NAME_DATA_LOC=1"] if facts.fib_name_data_loc else []
+    if use_kprobes:
+        xmit = facts.xmit_function
+        reasons.append(f"transmit probe on {xmit}" + (" (dev_queue_xmit is an inline wrapper here)"
+                                                       if xmit == "__dev_queue_xmit" else ""))
+        attachments = [
+            Attachment("kprobe", ROUTE_FUNCTION, "route_entry"),
+            Attachment("kretprobe", ROUTE_FUNCTION, "route_return", KRETPROBE_MAXACTIVE),
+            Attachment("kprobe", xmit, "xmit_entry"),
+            FIB_TRACEPOINT,
+        ]
+        return AttachPlan("kprobe", [BPF_DIR / "common.c", BPF_DIR / "fib.c", BPF_DIR / "kprobe.c"],
+                          attachments, offsets, filters, reasons, ["-DROUTE_DECISIONS=1", *fib_flags])
+    return AttachPlan("tracepoint", [BPF_DIR / "common.c", BPF_DIR / "fib.c", BPF_DIR / "tracepoint.c"],
+                      [FIB_TRACEPOINT, XMIT_TRACEPOINT], offsets, filters, reasons, fib_flags)

@@ -25,8 +25,11 @@ def import_bcc():
 class Tracer:
     """`with Tracer(plan, headers_path) as t:` attaches on enter and detaches on exit."""
 
-    def __init__(self, plan: AttachPlan, headers_path: str | None = None):
+    def __init__(self, plan: AttachPlan, headers_path: str | None = None, attach: bool = True):
+        """attach=False loads every program through the verifier but attaches only the
+        tracepoints (which bcc attaches on load): a check that a plan would load here."""
         self.plan = plan
+        self.attach = attach
         self.headers_path = headers_path
         self._bpf = None
         self._pending: list[Flow] = []
@@ -38,7 +41,17 @@ class Tracer:
             os.environ["BCC_KERNEL_SOURCE"] = str(self.headers_path)
         try:
             self._bpf = bcc.BPF(text=self.plan.program_text(), cflags=self.plan.cflags)
+            # TRACEPOINT_PROBE functions attach themselves on load; the rest by the plan.
+            for a in self.plan.attachments:
+                if a.kind != "tracepoint":
+                    if self.attach:
+                        self._attach(a)
+                    else:
+                        self._bpf.load_func(a.fn.encode(), bcc.BPF.KPROBE)
         except Exception as exc:  # bcc raises bare Exception on compile or attach failure
+            if self._bpf is not None:
+                self._bpf.cleanup()
+                self._bpf = None
             raise EnvironmentProblem(f"could not load the {self.plan.backend} BPF program: {exc}") from None
         flows = self._bpf["flows"]
 
@@ -56,16 +69,27 @@ class Tracer:
             self._bpf.cleanup()
             self._bpf = None
 
+    def _attach(self, a) -> None:
+        if a.kind == "tracepoint":
+            self._bpf.attach_tracepoint(tp=a.target.encode(), fn_name=a.fn.encode())
+        elif a.kind == "kprobe":
+            self._bpf.attach_kprobe(event=a.target.encode(), fn_name=a.fn.encode())
+        elif a.kind == "kretprobe":
+            self._bpf.attach_kretprobe(event=a.target.encode(), fn_name=a.fn.encode(),
+                                       maxactive=a.maxactive)
+
+    def _detach(self, a) -> None:
+        if a.kind == "tracepoint":
+            self._bpf.detach_tracepoint(tp=a.target.encode())
+        elif a.kind == "kprobe":
+            self._bpf.detach_kprobe(event=a.target.encode())
+        elif a.kind == "kretprobe":
+            self._bpf.detach_kretprobe(event=a.target.encode())
+
     def set_attached(self, attached: bool) -> None:
         """Detach or re-attach the probes without unloading (bench measures their cost this way)."""
-        for kind, target in self.plan.attachments:
-            if kind != "tracepoint":
-                raise EnvironmentProblem(f"cannot toggle {kind} probes")
-            if attached:
-                category, event = target.split(":")
-                self._bpf.attach_tracepoint(tp=target.encode(), fn_name=f"tracepoint__{category}__{event}".encode())
-            else:
-                self._bpf.detach_tracepoint(tp=target.encode())
+        for a in self.plan.attachments:
+            (self._attach if attached else self._detach)(a)
 
     def _on_new_flow(self, _ctx, data, _size) -> None:
         ev = ctypes.cast(data, ctypes.POINTER(self._event_type)).contents
@@ -93,4 +117,28 @@ class Tracer:
     def losses(self) -> LossCounters:
         stats = self._bpf["stats"]
         values = [stats[stats.Key(i)].value for i in range(3)]
-        return LossCounters(events_dropped=values[0], flow_map_full=values[1], xmit_map_full=values[2])
+        return LossCounters(events_dropped=values[0], flow_map_full=values[1], xmit_map_full=values[2],
+                            probes_missed=self._kprobe_misses())
+
+    def _kprobe_misses(self) -> int:
+        """kretprobe instances that were not available (nmissed), from tracefs' kprobe_profile.
+        bcc names its probe events "..._bcc_<pid>"."""
+        if not any(a.kind in ("kprobe", "kretprobe") for a in self.plan.attachments):
+            return 0
+        from .kernel import find_tracefs
+        tracefs = find_tracefs()
+        try:
+            text = (tracefs / "kprobe_profile").read_text() if tracefs else ""
+        except OSError:
+            return 0
+        return missed_from_profile(text, os.getpid())
+
+
+def missed_from_profile(text: str, pid: int) -> int:
+    tag = f"_bcc_{pid}"
+    total = 0
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].endswith(tag) and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total

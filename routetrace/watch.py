@@ -125,7 +125,7 @@ def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: fl
     try:
         with Session(plan, headers_path, recorder) as session:
             filters = " ".join(f"{k}={v}" for k, v in plan.filters.describe().items()) or "none"
-            print(f"Tracing route decisions ({plan.backend} plan, filters: {filters})... "
+            print(f"Tracing route decisions ({plan.backend} plan, {plan.reasons[0]}; filters: {filters})... "
                   f"{'Hit Ctrl-C to end.' if duration is None else f'for {duration:g}s.'}",
                   file=err if as_json else out, flush=True)
             if not as_json:

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# scripts/vm-test sets ROUTETRACE_BACKEND=kprobe (the CLI's --backend default); here, auto
+# chooses tracepoints because the kernel has no kprobes.
+EXPECTED_BACKEND = os.environ.get("ROUTETRACE_BACKEND", "tracepoint")
 
 
 def _bpf_unavailable() -> str | None:

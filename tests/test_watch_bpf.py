@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import json_objects
+from conftest import EXPECTED_BACKEND, json_objects
 
 pytestmark = pytest.mark.bpf
 
@@ -17,6 +17,7 @@ def flows_to(summary, daddr, dport):
     return [f for f in summary["flows"] if f["daddr"] == daddr and f["dport"] == dport]
 
 
+@pytest.mark.vm
 def test_loopback_and_own_address_both_leave_on_lo_and_the_peer_on_eth0(sandbox, live):
     sandbox.serve(sandbox.host, 8888, 9999)
     sandbox.serve(sandbox.peer, 8888)
@@ -37,7 +38,7 @@ def test_loopback_and_own_address_both_leave_on_lo_and_the_peer_on_eth0(sandbox,
         assert flow["route_type"] == "LOCAL"
         assert flow["route_dev"] == "lo"
         assert set(flow["xmit_devs"]) == {"lo"} and flow["xmit_devs"]["lo"] >= 3   # SYN, ACK, data, FIN...
-        assert flow["backend"] == "tracepoint"
+        assert flow["backend"] == EXPECTED_BACKEND
     # The FIB's answer differs: the own address is "local ... dev eth0" in the local table.
     assert flows_to(summary, sandbox.own_addr, 8888)[0]["fib_dev"] == "eth0"
     assert flows_to(summary, "127.0.0.1", 8888)[0]["fib_dev"] == "lo"
@@ -62,6 +63,7 @@ def test_loopback_and_own_address_both_leave_on_lo_and_the_peer_on_eth0(sandbox,
     assert summary["lost"]["total"] == 0
 
 
+@pytest.mark.vm
 def test_connection_refused_syn_and_rst_both_on_lo(sandbox, live):
     run = live("watch", "--netns", sandbox.host, "--port", "8887", "--json")
     assert sandbox.connect(sandbox.host, "127.0.0.1", 8887) == "refused"

@@ -1,0 +1,31 @@
+# Shared by scripts/setup and scripts/vm-test: idempotent apt installs (Debian/Ubuntu, root).
+export DEBIAN_FRONTEND=noninteractive
+APT_UPDATED=0
+
+say() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+
+apt_update_once() {
+    if [ "$APT_UPDATED" -eq 0 ]; then apt-get update -qq; APT_UPDATED=1; fi
+}
+
+apt_install() {
+    local missing=()
+    for p in "$@"; do installed "$p" || missing+=("$p"); done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    apt_update_once
+    say "installing ${missing[*]}"
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+has_candidate() {
+    apt_update_once
+    apt-cache policy "$1" 2>/dev/null | grep -q 'Candidate: [0-9]'
+}
+
+# The package a metapackage points at, e.g. linux-image-amd64 -> linux-image-6.1.0-56-amd64
+first_dependency() {
+    apt_update_once
+    apt-cache depends "$@" 2>/dev/null | awk '/Depends:/ {print $2; exit}'
+}

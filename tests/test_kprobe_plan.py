@@ -1,0 +1,119 @@
+"""The design card's kprobe plan: chosen when it can run, verified here, run for real in VMs."""
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import json_objects
+from routetrace import kernel, probes
+from routetrace.kernel import Headers, KernelFacts
+from routetrace.tracer import missed_from_profile
+
+
+def facts(**kw):
+    base = dict(release="6.1.0-56-amd64", is_root=True, btf=True, tracefs=Path("/sys/kernel/tracing"),
+                kprobes=True, tracepoints={"fib/fib_table_lookup": True, "net/net_dev_queue": True},
+                symbols={"ip_route_output_key_hash": "T", "__dev_queue_xmit": "T", "dev_queue_xmit": "t"},
+                headers=Headers(Path("/lib/modules/6.1.0-56-amd64/build"), "6.1.0-56-amd64", True))
+    return KernelFacts(**{**base, **kw})
+
+
+def test_auto_takes_kprobes_when_they_exist_and_the_symbols_resolve():
+    plan = probes.choose(facts(), probes.Filters(port=8888))
+    assert plan.backend == "kprobe"
+    assert [str(a) for a in plan.attachments] == [
+        "kprobe ip_route_output_key_hash", "kretprobe ip_route_output_key_hash",
+        "kprobe __dev_queue_xmit", "tracepoint fib:fib_table_lookup"]
+    assert plan.attachments[1].maxactive == probes.KRETPROBE_MAXACTIVE
+    assert "-DROUTE_DECISIONS=1" in plan.cflags and "-DFILTER_PORT=8888" in plan.cflags
+    assert plan.offsets[0].source == "headers"          # matching headers: offsetof()
+    assert [p.name for p in plan.sources] == ["common.c", "fib.c", "kprobe.c"]
+    assert plan.reasons[0].startswith("auto: kprobes available")
+
+
+def test_transmit_function_is_never_the_local_copy():
+    # 5.10: dev_queue_xmit is the real exported function, __dev_queue_xmit is static
+    old = facts(symbols={"ip_route_output_key_hash": "T", "dev_queue_xmit": "T", "__dev_queue_xmit": "t"})
+    assert old.xmit_function == "dev_queue_xmit"
+    assert str(probes.choose(old, probes.Filters()).attachments[2]) == "kprobe dev_queue_xmit"
+    # 6.18: only a local out-of-line copy of the inline wrapper besides __dev_queue_xmit
+    assert facts().xmit_function == "__dev_queue_xmit"
+    only_local = facts(symbols={"ip_route_output_key_hash": "T", "dev_queue_xmit": "t"})
+    assert only_local.xmit_function is None
+    plan = probes.choose(only_local, probes.Filters())
+    assert plan.backend == "tracepoint" and "dev_queue_xmit" in plan.reasons[0]
+
+
+def test_auto_falls_back_to_tracepoints_and_says_why():
+    plan = probes.choose(facts(kprobes=False), probes.Filters())
+    assert plan.backend == "tracepoint"
+    assert plan.reasons[0] == "auto: kprobes are not available on this kernel (CONFIG_KPROBES off)"
+    from routetrace.errors import EnvironmentProblem
+    with pytest.raises(EnvironmentProblem, match="--backend kprobe: kprobes are not available"):
+        probes.choose(facts(kprobes=False), probes.Filters(), "kprobe")
+    assert probes.choose(facts(), probes.Filters(), "tracepoint").backend == "tracepoint"
+
+
+def test_fib_name_layout_follows_the_tracepoint_format():
+    assert "-DFIB_NAME_DATA_LOC=1" in probes.choose(facts(fib_name_data_loc=True), probes.Filters()).cflags
+    assert "-DFIB_NAME_DATA_LOC=1" not in probes.choose(facts(), probes.Filters()).cflags
+
+
+def test_kretprobe_misses_are_read_from_kprobe_profile():
+    profile = ("  p_ip_route_output_key_hash_bcc_4242                    17               0\n"
+               "  r_ip_route_output_key_hash_bcc_4242                    17               3\n"
+               "  r_ip_route_output_key_hash_bcc_999                     17               5\n")
+    assert missed_from_profile(profile, 4242) == 3
+
+
+def test_dry_run_prints_the_plan_without_root(capsys, monkeypatch):
+    import os
+    from routetrace import cli
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(kernel, "gather", lambda **kw: facts())
+    code = cli.main(["watch", "--dry-run", "--port", "8888"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "attach plan: kprobe" in out and "kretprobe   ip_route_output_key_hash" in out
+    assert "OFF_RTABLE_RT_TYPE" in out and "offsetof(struct rtable, rt_type)" in out
+
+
+@pytest.mark.bpf
+def test_kprobe_programs_pass_this_kernels_verifier(bpf_ready):
+    """This kernel cannot attach kprobes, but its verifier can still check the programs."""
+    from routetrace.tracer import Tracer
+    kernel.mount_tracefs()
+    here = kernel.gather(prepare_headers=True)
+    plan = probes.choose(dataclasses.replace(here, kprobes=True, symbols={
+        "ip_route_output_key_hash": "T", "__dev_queue_xmit": "T"}), probes.Filters(port=8888), "kprobe")
+    headers = None if here.headers.matches else here.headers.path
+    with Tracer(plan, headers, attach=False) as tracer:
+        assert tracer.losses().total == 0
+
+
+@pytest.mark.vm
+@pytest.mark.kprobe_only
+def test_kprobe_plan_live_in_a_kernel_with_kprobes(sandbox, live):
+    dry = subprocess.run([sys.executable, "-m", "routetrace", "watch", "--dry-run"], capture_output=True, text=True)
+    assert dry.returncode == 0 and "attach plan: kprobe" in dry.stdout
+    xmit = kernel.gather().xmit_function
+    assert f"kprobe      {xmit} " in dry.stdout
+    sandbox.serve(sandbox.host, 8888)
+    sandbox.serve(sandbox.peer, 8888)
+    run = live("watch", "--backend", "kprobe", "--netns", sandbox.host, "--port", "8888", "--json")
+    for target in ("127.0.0.1", sandbox.own_addr, sandbox.peer_addr):
+        assert sandbox.connect(sandbox.host, target, 8888) == "ok"
+    rc, out, err = run.stop(signal.SIGINT)
+    assert rc == 0, err
+    assert "Tracing route decisions (kprobe plan, --backend kprobe asked for;" in err
+    summary = json_objects(out)[-1]
+    assert {f["backend"] for f in summary["flows"]} == {"kprobe"}
+    routes = {(f["daddr"], f["route_type"], f["route_dev"]) for f in summary["flows"] if f["dport"] == 8888}
+    assert routes == {("127.0.0.1", "LOCAL", "lo"), (sandbox.own_addr, "LOCAL", "lo"),
+                      (sandbox.peer_addr, "UNICAST", "eth0")}
+    assert summary["lost"]["probes_missed"] == 0
+    assert summary["verdict"]["holds"] is True
