@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by scripts/setup and scripts/vm-test: idempotent apt installs (Debian/Ubuntu, root).
 export DEBIAN_FRONTEND=noninteractive
 APT_UPDATED=0
