@@ -61,14 +61,24 @@ def from_headers() -> list[Offset]:
     return out
 
 
-def resolve(headers_match: bool, btf: Btf | None) -> list[Offset]:
-    """BTF whenever the headers are not the running kernel's; the headers themselves when they are."""
-    if headers_match:
+SOURCES = ("auto", "btf", "headers")
+
+
+def resolve(headers_match: bool, btf: Btf | None, prefer: str = "auto") -> list[Offset]:
+    """Where offsets come from. auto: the running kernel's BTF when it has one -- exact, and it
+    spares bcc from parsing the kernel's networking headers, which bcc 0.26 cannot do for 6.12
+    (its linux/bpf.h outgrew bcc's uapi copy); else offsetof() over matching headers.
+    `prefer` forces one source (scripts/vm-test exercises both)."""
+    if prefer not in SOURCES:
+        raise EnvironmentProblem(f"ROUTETRACE_OFFSETS must be one of {', '.join(SOURCES)}, not {prefer!r}")
+    if prefer == "headers" or (prefer == "auto" and btf is None):
+        if not headers_match:
+            raise EnvironmentProblem(
+                "the kernel headers bcc compiles with are not the running kernel's and there is no BTF "
+                "at /sys/kernel/btf/vmlinux to correct struct offsets: install linux-headers-$(uname -r)")
         return from_headers()
     if btf is None:
-        raise EnvironmentProblem(
-            "the kernel headers bcc compiles with are not the running kernel's and there is no BTF "
-            "at /sys/kernel/btf/vmlinux to correct struct offsets: install linux-headers-$(uname -r)")
+        raise EnvironmentProblem("ROUTETRACE_OFFSETS=btf, but /sys/kernel/btf/vmlinux is missing")
     return from_btf(btf)
 
 

@@ -3,6 +3,7 @@ is loaded, so it can be printed (`doctor`, `--dry-run`) and explained."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +69,8 @@ class AttachPlan:
 
     @property
     def cflags(self) -> list[str]:
-        return [*offset_cflags(self.offsets), *self.filters.cflags(), *self.extra_cflags]
+        # -w: kernel headers of other versions make clang chatter; errors still print.
+        return ["-w", *offset_cflags(self.offsets), *self.filters.cflags(), *self.extra_cflags]
 
     def describe(self) -> dict:
         return {"backend": self.backend, "attachments": [str(a) for a in self.attachments],
@@ -127,13 +129,14 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto") -> Attac
         raise EnvironmentProblem(
             "no kernel headers for bcc: run scripts/setup, or apt install linux-headers-$(uname -r) "
             "(or the distribution's generic linux-headers package)")
-    btf = Btf.load() if facts.btf and not facts.headers.matches else None
-    offsets = resolve_offsets(facts.headers.matches, btf)
-    if facts.headers.matches:
-        reasons.append(f"struct offsets from the running kernel's headers ({facts.headers.path})")
-    else:
-        reasons.append(f"headers are for {facts.headers.release}, not {facts.release}: "
-                       "struct offsets from BTF (/sys/kernel/btf/vmlinux)")
+    prefer = os.environ.get("ROUTETRACE_OFFSETS", "auto")
+    btf = Btf.load() if facts.btf and prefer != "headers" else None
+    offsets = resolve_offsets(facts.headers.matches, btf, prefer)
+    compiled_with = (f"bcc compiles with the running kernel's headers ({facts.headers.path})" if facts.headers.matches
+                     else f"bcc compiles with headers for {facts.headers.release}, not {facts.release}")
+    where = ("offsetof() over those headers" if offsets[0].source == "headers"
+             else "struct offsets from BTF (/sys/kernel/btf/vmlinux)")
+    reasons.append(f"{compiled_with}; {where}" + (f" (ROUTETRACE_OFFSETS={prefer})" if prefer != "auto" else ""))
     fib_flags = ["-DFIB_NAME_DATA_LOC=1"] if facts.fib_name_data_loc else []
     if use_kprobes:
         xmit = facts.xmit_function

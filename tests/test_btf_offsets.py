@@ -119,7 +119,15 @@ def test_header_offsets_are_offsetof_expressions_and_flagged():
     assert "-DOFFSETS_FROM_HEADERS=1" in offsets.cflags(hdr)
 
 
-def test_resolve_uses_btf_unless_headers_match(tiny_btf):
+def test_resolve_prefers_btf_and_falls_back_to_matching_headers(tiny_btf, monkeypatch):
+    monkeypatch.setattr(offsets, "FIELDS", {"OFF_NET_INUM": "net.ns.inum"})
+    assert offsets.resolve(True, tiny_btf)[0].source == "btf"
+    assert offsets.resolve(False, tiny_btf)[0].value == "20"
     assert offsets.resolve(True, None)[0].source == "headers"
+    assert offsets.resolve(True, tiny_btf, "headers")[0].source == "headers"
     with pytest.raises(EnvironmentProblem, match="no BTF"):
         offsets.resolve(False, None)
+    with pytest.raises(EnvironmentProblem, match="not the running kernel's"):
+        offsets.resolve(False, tiny_btf, "headers")
+    with pytest.raises(EnvironmentProblem, match="ROUTETRACE_OFFSETS=btf"):
+        offsets.resolve(True, None, "btf")

@@ -30,7 +30,7 @@ def test_auto_takes_kprobes_when_they_exist_and_the_symbols_resolve():
         "kprobe __dev_queue_xmit", "tracepoint fib:fib_table_lookup"]
     assert plan.attachments[1].maxactive == probes.KRETPROBE_MAXACTIVE
     assert "-DROUTE_DECISIONS=1" in plan.cflags and "-DFILTER_PORT=8888" in plan.cflags
-    assert plan.offsets[0].source == "headers"          # matching headers: offsetof()
+    assert plan.offsets[0].source == ("btf" if Path("/sys/kernel/btf/vmlinux").exists() else "headers")
     assert [p.name for p in plan.sources] == ["common.c", "fib.c", "kprobe.c"]
     assert plan.reasons[0].startswith("auto: kprobes available")
 
@@ -75,6 +75,7 @@ def test_dry_run_prints_the_plan_without_root(capsys, monkeypatch):
     from routetrace import cli
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setattr(kernel, "gather", lambda **kw: facts())
+    monkeypatch.setenv("ROUTETRACE_OFFSETS", "headers")
     code = cli.main(["watch", "--dry-run", "--port", "8888"])
     out = capsys.readouterr().out
     assert code == 0

@@ -42,3 +42,20 @@ def test_vagrant_provisions_with_the_same_setup_script():
     provisioners = [line for line in text.splitlines() if "config.vm.provision" in line]
     assert provisioners == ['  config.vm.provision "shell", name: "routetrace setup", inline: "/vagrant/scripts/setup"']
     assert "apt" not in text.replace("adapt", "")
+
+
+@pytest.mark.bpf
+def test_vagrant_demo_runs_on_a_nic_address(sandbox):
+    """The VM demo, run inside a namespace standing in for the VM: its NIC is eth0 =
+    198.51.100.1 with a default route, so the demo's traffic stays in the namespace."""
+    subprocess.run(["ip", "-n", sandbox.host, "route", "add", "default", "via", sandbox.peer_addr], check=True)
+    out = subprocess.run(["ip", "netns", "exec", sandbox.host, str(ROOT / "scripts" / "vagrant-demo")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "== NIC eth0 holds 198.51.100.1. The kernel's local table" in out.stdout
+    assert "local 198.51.100.1 dev eth0 proto kernel scope host src 198.51.100.1" in out.stdout
+    row = next(line for line in out.stdout.splitlines() if line.startswith("198.51.100.1 "))
+    assert "LOCAL" in row and "eth0:0 lo:" in row and "ok:" in row
+    tail = out.stdout.strip().splitlines()[-1]
+    assert tail.startswith("== tcpdump, port 8888, while that ran: eth0 0 packets, lo ")
+    assert int(tail.split("lo ")[1].split()[0]) >= 10

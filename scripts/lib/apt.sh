@@ -20,13 +20,17 @@ apt_install() {
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+have_lists() { compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; }
+
+# Asks the package lists the machine has; fetches them only when there are none, so a re-run
+# (or a run where the registry is out of reach) does not wait on the network.
 has_candidate() {
-    apt_update_once
+    have_lists || apt_update_once
     apt-cache policy "$1" 2>/dev/null | grep -q 'Candidate: [0-9]'
 }
 
 # The package a metapackage points at, e.g. linux-image-amd64 -> linux-image-6.1.0-56-amd64
 first_dependency() {
-    apt_update_once
+    have_lists || apt_update_once
     apt-cache depends "$@" 2>/dev/null | awk '/Depends:/ {print $2; exit}'
 }
