@@ -44,18 +44,32 @@ def test_vagrant_provisions_with_the_same_setup_script():
     assert "apt" not in text.replace("adapt", "")
 
 
+def _namespaces():
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
 @pytest.mark.bpf
 def test_vagrant_demo_runs_on_a_nic_address(sandbox):
     """The VM demo, run inside a namespace standing in for the VM: its NIC is eth0 =
     198.51.100.1 with a default route, so the demo's traffic stays in the namespace."""
     subprocess.run(["ip", "-n", sandbox.host, "route", "add", "default", "via", sandbox.peer_addr], check=True)
-    out = subprocess.run(["ip", "netns", "exec", sandbox.host, str(ROOT / "scripts" / "vagrant-demo")],
-                         capture_output=True, text=True, timeout=600)
+    before = set(_namespaces())
+    try:
+        out = subprocess.run(["ip", "netns", "exec", sandbox.host, str(ROOT / "scripts" / "vagrant-demo")],
+                             capture_output=True, text=True, timeout=600)
+    finally:   # the demo removes its peer namespace itself, unless it was killed
+        for ns in set(_namespaces()) - before:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    assert set(_namespaces()) == before
     assert out.returncode == 0, out.stdout + out.stderr
     assert "== NIC eth0 holds 198.51.100.1. The kernel's local table" in out.stdout
     assert "local 198.51.100.1 dev eth0 proto kernel scope host src 198.51.100.1" in out.stdout
     row = next(line for line in out.stdout.splitlines() if line.startswith("198.51.100.1 "))
     assert "LOCAL" in row and "eth0:0 lo:" in row and "ok:" in row
+    control = next(line for line in out.stdout.splitlines() if line.startswith("198.51.100.66 "))
+    assert "control" in control and "UNICAST" in control and "ok: left on rtdemo" in control
+    assert "the non-local control left on its real device" in out.stdout
     tail = out.stdout.strip().splitlines()[-1]
     assert tail.startswith("== tcpdump, port 8888, while that ran: eth0 0 packets, lo ")
     assert int(tail.split("lo ")[1].split()[0]) >= 10
