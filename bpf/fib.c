@@ -5,6 +5,11 @@ TRACEPOINT_PROBE(fib, fib_table_lookup)
 {
     if (args->err != 0)               /* a table that did not answer; the next one will */
         return 0;
+    /* Output lookups carry iif = LOOPBACK_IFINDEX (1); so do inputs on lo, which happen in the
+     * sender's namespace. Inputs from other devices run in softirq while `current` belongs to
+     * another namespace (a veth peer's SYN): its netns would be misattributed, so skip them. */
+    if (args->iif != LOOPBACK_IFINDEX)
+        return 0;
     u32 daddr = 0;
     __builtin_memcpy(&daddr, args->dst, 4);
     u32 saddr = 0;
