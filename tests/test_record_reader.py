@@ -184,3 +184,21 @@ def test_fuzzed_traces_never_traceback(tmp_path, data):
                 code = cli.main([str(a) for a in command])
             assert code in (0, 2), err.getvalue()
             assert "Traceback" not in err.getvalue()
+
+
+KPROBE_TRACE = FIXTURES / "trace-kprobe-6.1.jsonl"     # prove --sandbox --record, in a 6.1 VM
+
+
+def test_a_kprobe_plan_trace_from_a_vm_reads_and_reports_the_same_way(capsys):
+    trace = read_trace(KPROBE_TRACE)
+    assert trace.complete and trace.header["plan"]["backend"] == "kprobe"
+    assert trace.header["kernel"].startswith("6.1.")
+    assert "kretprobe ip_route_output_key_hash" in trace.header["plan"]["attachments"]
+    assert {f.backend for f in trace.flows} == {"kprobe"}
+    routes = {(f.daddr, f.route_type, f.route_dev, tuple(sorted(f.xmit_devs))) for f in trace.flows if f.dport == 8888}
+    assert routes == {("127.0.0.1", "LOCAL", "lo", ("lo",)), ("198.51.100.1", "LOCAL", "lo", ("lo",)),
+                      ("198.51.100.2", "UNICAST", "eth0", ("eth0",))}
+    code, out, _ = run(capsys, "report", KPROBE_TRACE)
+    assert code == 0
+    assert "kprobe plan" in out.splitlines()[0]
+    assert "verdict: same path: 127.0.0.1-range and own-address flows both left on lo" in out
