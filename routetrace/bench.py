@@ -7,6 +7,7 @@ overhead, which is the same for both targets, so the ratio is what to read.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import statistics
@@ -14,6 +15,11 @@ import sys
 from dataclasses import dataclass, field
 
 from tabulate import tabulate
+
+from . import netns
+from .errors import UsageError
+from .experiment import Sandbox, bench_slice, start_listener, stop_process
+from .probes import Filters
 
 # Two-sided 95% Student t critical values by degrees of freedom.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -129,3 +135,37 @@ def render(samples: Samples, loopback: str, own: str, conditions) -> str:
         out += "\n\ncost of routetrace's own probes (traced / untraced):\n" + tabulate(
             trows, headers=("TARGET", "METRIC (median)", "untraced", "traced", "ratio [95% CI]", ""))
     return out
+
+
+def experiment(prepare, *, sandbox: bool, own: str | None, port: int, rounds: int, seconds: float,
+               out=None, err=None) -> None:
+    """Set the stage (sandbox or this host, the benchmark server), optionally the probes
+    (prepare(filters) -> (plan, headers); None: untraced only), then measure and print."""
+    out, err = out or sys.stdout, err or sys.stderr
+    with contextlib.ExitStack() as stack:
+        if sandbox:
+            sb = stack.enter_context(Sandbox())
+            ns, own = sb.host, sb.own_addr
+        else:
+            ns, own = None, own or next(iter(netns.own_ipv4()), None)
+            if own is None:
+                raise UsageError("this host has no IPv4 address besides loopback: give one with --to, or use --sandbox")
+        stack.callback(stop_process, start_listener(ns, [port], "bench-serve"))
+        conditions, tracer, attached = ("untraced",), None, [True]
+        if prepare is not None:
+            from .tracer import Tracer
+            plan, headers = prepare(Filters(netns=netns.resolve(ns)[0] if ns else netns.current_inode()))
+            tracer = stack.enter_context(Tracer(plan, headers))
+            conditions = ("untraced", "traced")
+
+        def set_condition(cond):
+            """Probes on for "traced" slices, off for the others; switched only on a change."""
+            if tracer is not None and attached[0] != (cond == "traced"):
+                attached[0] = cond == "traced"
+                tracer.set_attached(attached[0])
+        total = rounds * len(conditions) * 2 * len(MODES) * seconds
+        print(f"Measuring 127.0.0.1 against {own}: {rounds} rounds, about {total:.0f}s...", file=err, flush=True)
+        samples = run(lambda mode, target, secs: bench_slice(ns, mode, target, port, secs),
+                      ["127.0.0.1", own], rounds=rounds, seconds=seconds, conditions=conditions,
+                      set_condition=set_condition, progress=err)
+        print(render(samples, "127.0.0.1", own, conditions), file=out, flush=True)

@@ -2,7 +2,6 @@
 stderr and exit code 2, here and nowhere else."""
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
 import signal
@@ -141,36 +140,14 @@ def prove(port, sandbox, to, control, proto, closed, as_json, record, backend):
     Exit status: 0 the claim held, 1 it did not, 2 usage or environment error.
     """
     from . import prove as experiment_prove
-    from .experiment import Sandbox, start_listener, stop_process
     if closed and proto == "udp":
         raise UsageError("--closed goes with --proto tcp (a closed UDP port answers with ICMP, which has no port)")
     if sandbox and (to or control):
         raise UsageError("--sandbox chooses its own addresses: drop --to/--control")
     _require_root("prove")
-    from .tracer import import_bcc
-    import_bcc()
-    with contextlib.ExitStack() as stack:
-        if sandbox:
-            sb = stack.enter_context(Sandbox())
-            ns, own, controls = sb.host, [sb.own_addr], [sb.peer_addr]
-            if not closed:
-                sb.serve(sb.peer, port)
-        else:
-            ns, controls = None, list(control)
-            own = list(to) or sorted((a for a in netns.addresses(netns.current_inode())
-                                      if not ipaddress.ip_address(a).is_loopback), key=ipaddress.ip_address)
-        if not own:
-            raise UsageError("this host has no IPv4 address besides loopback: give one with --to, or use --sandbox")
-        if not closed:
-            stack.callback(stop_process, start_listener(ns, [port]))
-        table = experiment_prove.local_table(ns)
-        targets = [experiment_prove.Target("127.0.0.1", "loopback", *experiment_prove.local_entry("127.0.0.1", table))]
-        targets += [experiment_prove.Target(a, "own-address", *experiment_prove.local_entry(a, table)) for a in own]
-        targets += [experiment_prove.Target(a, experiment_prove.CONTROL) for a in controls]
-        inode = netns.resolve(ns)[0] if ns else netns.current_inode()
-        plan, headers = _prepare("prove", probes.Filters(port=port, netns=inode), backend)
-        code = experiment_prove.run(plan, headers, ns=ns, targets=targets, port=port, proto=proto,
-                                    closed=closed, record=record, as_json=as_json)
+    code = experiment_prove.experiment(lambda filters: _prepare("prove", filters, backend), sandbox=sandbox,
+                                       own=list(to), controls=list(control), port=port, proto=proto,
+                                       closed=closed, record=record, as_json=as_json)
     sys.exit(code)
 
 
@@ -192,45 +169,15 @@ def prove(port, sandbox, to, control, proto, closed, as_json, record, backend):
 def bench(sandbox, to, duration, rounds, port, with_trace, backend):
     """Is 127.0.0.1 faster than an own address? Latency, throughput and connection rate, with intervals."""
     from . import bench as benchmark
-    from .experiment import Sandbox, bench_slice, start_listener, stop_process
     if port > 65533:
         raise UsageError("--port needs PORT+2 free as well: use at most 65533")
     if sandbox and to:
         raise UsageError("--sandbox chooses its own addresses: drop --to")
     if sandbox or with_trace:
         _require_root("bench")          # namespaces and probes both need it
-    with contextlib.ExitStack() as stack:
-        if sandbox:
-            sb = stack.enter_context(Sandbox())
-            ns, own = sb.host, sb.own_addr
-        else:
-            ns = None
-            own = (list(to) or sorted((a for a in netns.addresses(netns.current_inode())
-                                       if not ipaddress.ip_address(a).is_loopback), key=ipaddress.ip_address) or [None])[0]
-            if own is None:
-                raise UsageError("this host has no IPv4 address besides loopback: give one with --to, or use --sandbox")
-        server = start_listener(ns, [port], "bench-serve")
-        stack.callback(stop_process, server)
-        conditions, set_condition = ("untraced",), (lambda c: None)
-        if with_trace:
-            from .tracer import Tracer
-            inode = netns.resolve(ns)[0] if ns else netns.current_inode()
-            plan, headers = _prepare("bench", probes.Filters(netns=inode), backend)
-            tracer = stack.enter_context(Tracer(plan, headers))
-            state = {"attached": True}
-
-            def set_condition(cond):
-                want = cond == "traced"
-                if state["attached"] != want:
-                    tracer.set_attached(want)
-                    state["attached"] = want
-            conditions = ("untraced", "traced")
-        total = rounds * len(conditions) * 2 * len(benchmark.MODES) * duration
-        click.echo(f"Measuring 127.0.0.1 against {own}: {rounds} rounds, about {total:.0f}s...", err=True)
-        samples = benchmark.run(lambda mode, target, secs: bench_slice(ns, mode, target, port, secs),
-                                ["127.0.0.1", own], rounds=rounds, seconds=duration,
-                                conditions=conditions, set_condition=set_condition)
-        click.echo(benchmark.render(samples, "127.0.0.1", own, conditions))
+    prepare = (lambda filters: _prepare("bench", filters, backend)) if with_trace else None
+    benchmark.experiment(prepare, sandbox=sandbox, own=to[0] if to else None, port=port,
+                         rounds=rounds, seconds=duration)
 
 
 @cli.command()

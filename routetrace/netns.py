@@ -78,3 +78,10 @@ def addresses(inode: int) -> set[str]:
     else:
         data = []
     return {a["local"] for link in data for a in link.get("addr_info", []) if a.get("family") == "inet"}
+
+
+def own_ipv4(inode: int | None = None) -> list[str]:
+    """This (or that) namespace's own IPv4 addresses outside the loopback range, in order."""
+    import ipaddress
+    addrs = addresses(current_inode() if inode is None else inode)
+    return sorted((a for a in addrs if not ipaddress.ip_address(a).is_loopback), key=ipaddress.ip_address)

@@ -7,16 +7,25 @@ own-address traffic left on lo and the control did not, 1 when that failed, 2 on
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 
 from tabulate import tabulate
 
+from . import netns
+from .errors import UsageError
 from .events import Flow
+from .experiment import Sandbox, connect_from, start_listener, stop_process
 from .flows import LOOPBACK, OWN, is_loopback_device
-from .render import devices, losses_line
+from .probes import Filters
+from .record import TraceWriter
+from .render import devices, json_line, losses_line
+from .watch import Session
 
 CONTROL = "control"
 
@@ -132,13 +141,6 @@ def render(rows: list[ProveRow], code: int, text: str, losses) -> str:
 def run(plan, headers_path, *, ns: str | None, targets: list[Target], port: int, proto: str = "tcp",
         closed: bool = False, record: str | None = None, as_json: bool = False, out=None, err=None) -> int:
     """Trace while a client reaches each target; print the rows and the verdict; return the exit code."""
-    import sys
-    import time
-
-    from .experiment import connect_from
-    from .record import TraceWriter
-    from .render import json_line
-    from .watch import Session
     out, err = out or sys.stdout, err or sys.stderr
     expected = "refused" if closed else "ok"
     recorder = TraceWriter(record) if record else None
@@ -166,3 +168,29 @@ def run(plan, headers_path, *, ns: str | None, targets: list[Target], port: int,
     else:
         print(render(rows, code, text, result.losses), file=out)
     return code
+
+
+def experiment(prepare, *, sandbox: bool, own: list[str], controls: list[str], port: int, proto: str,
+               closed: bool, record: str | None, as_json: bool) -> int:
+    """Set the stage (sandbox namespaces or this host, listeners, targets), then run().
+    prepare(filters) -> (plan, headers) does the checks a live trace needs."""
+    with contextlib.ExitStack() as stack:
+        if sandbox:
+            sb = stack.enter_context(Sandbox())
+            ns, own, controls = sb.host, [sb.own_addr], [sb.peer_addr]
+            if not closed:
+                sb.serve(sb.peer, port)
+        else:
+            ns, own = None, own or netns.own_ipv4()
+        if not own:
+            raise UsageError("this host has no IPv4 address besides loopback: give one with --to, or use --sandbox")
+        if not closed:
+            stack.callback(stop_process, start_listener(ns, [port]))
+        table = local_table(ns)
+        targets = [Target("127.0.0.1", LOOPBACK, *local_entry("127.0.0.1", table))]
+        targets += [Target(a, OWN, *local_entry(a, table)) for a in own]
+        targets += [Target(a, CONTROL) for a in controls]
+        inode = netns.resolve(ns)[0] if ns else netns.current_inode()
+        plan, headers = prepare(Filters(port=port, netns=inode))
+        return run(plan, headers, ns=ns, targets=targets, port=port, proto=proto, closed=closed,
+                   record=record, as_json=as_json)

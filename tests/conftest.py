@@ -18,7 +18,7 @@ def _bpf_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "needs root"
     try:
-        import bcc  # noqa: F401
+        import bcc  # noqa: F401  (only whether it imports)
     except ImportError:
         return "needs bcc (python3-bpfcc)"
     return None

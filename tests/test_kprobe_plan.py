@@ -1,6 +1,5 @@
 """The design card's kprobe plan: chosen when it can run, verified here, run for real in VMs."""
 import dataclasses
-import json
 import signal
 import subprocess
 import sys
@@ -96,6 +95,7 @@ def test_kprobe_programs_pass_this_kernels_verifier(bpf_ready):
         assert tracer.losses().total == 0
 
 
+@pytest.mark.bpf
 @pytest.mark.vm
 @pytest.mark.kprobe_only
 def test_kprobe_plan_live_in_a_kernel_with_kprobes(sandbox, live):

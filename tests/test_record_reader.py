@@ -3,7 +3,6 @@ import contextlib
 import csv
 import io
 import json
-import shutil
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
