@@ -1,7 +1,9 @@
 """prove: judged rows and exit codes from flows (no root), and the sandboxed run on this kernel."""
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -97,6 +99,34 @@ def test_sandboxed_prove_holds_on_this_kernel(bpf_ready, args):
         assert rows["loopback"]["xmit_devs"] == {"lo": 2}
     assert result["verdict"]["exit"] == 0
     assert _namespaces() == before           # the sandbox is gone
+
+
+@pytest.mark.bpf
+def test_prove_records_a_trace_that_reports_the_same_flows(bpf_ready, tmp_path):
+    path = tmp_path / "prove.jsonl"
+    out = _prove("--record", str(path))
+    assert out.returncode == 0, out.stderr
+    trace = read_trace(path)
+    assert trace.complete and trace.header["filters"]["port"] == 8888
+    assert {f.daddr for f in trace.flows if f.dport == 8888} == {"127.0.0.1", "198.51.100.1", "198.51.100.2"}
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_interrupted_prove_removes_its_sandbox(bpf_ready, sig, code):
+    before = _namespaces()
+    proc = subprocess.Popen([sys.executable, "-m", "routetrace", "prove", "--sandbox"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _namespaces() == before:
+        time.sleep(0.05)
+    assert _namespaces() != before, "the sandbox never appeared"
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    assert _namespaces() == before
 
 
 @pytest.mark.bpf

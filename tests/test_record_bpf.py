@@ -35,6 +35,7 @@ def test_record_then_report_reproduces_the_live_summary_exactly(served, live, tm
     report = subprocess.run([sys.executable, "-m", "routetrace", "report", str(path)],
                             capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
+    assert read_trace(path).complete                 # Ctrl-C still wrote the trailer
     header, replayed_summary = report.stdout.split("\n", 1)
     assert header.startswith("trace of ") and "tracepoint plan" in header
     assert replayed_summary == live_summary
