@@ -53,7 +53,7 @@ class Tracer:
                 self._bpf.cleanup()
                 self._bpf = None
             raise EnvironmentProblem(f"could not load the {self.plan.backend} BPF program: {exc}") from None
-        flows = self._bpf["flows"]
+        flows = self._bpf[b"flows"]
 
         class NewFlowEvent(ctypes.Structure):   # struct new_flow_event in bpf/common.c
             _pack_ = 1                           # as bcc's own generated types: padding is explicit
@@ -61,7 +61,7 @@ class Tracer:
                         ("xmit_dev", ctypes.c_char * 16)]
 
         self._event_type = NewFlowEvent
-        self._bpf["new_flows"].open_ring_buffer(self._on_new_flow)
+        self._bpf[b"new_flows"].open_ring_buffer(self._on_new_flow)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -107,15 +107,15 @@ class Tracer:
     def snapshot(self) -> list[Flow]:
         """Every flow in the kernel's map, with per-device transmit counts."""
         per_flow: dict[bytes, dict[str, int]] = defaultdict(dict)
-        for xk, xv in self._bpf["xmits"].items():
+        for xk, xv in self._bpf[b"xmits"].items():
             devs = per_flow[bytes(xk.flow)]
             name = xv.dev.decode("ascii", "replace")
             devs[name] = devs.get(name, 0) + xv.packets
         return [decode_flow(k, v, per_flow.get(bytes(k), {}), self.plan.backend)
-                for k, v in self._bpf["flows"].items()]
+                for k, v in self._bpf[b"flows"].items()]
 
     def losses(self) -> LossCounters:
-        stats = self._bpf["stats"]
+        stats = self._bpf[b"stats"]
         values = [stats[stats.Key(i)].value for i in range(3)]
         return LossCounters(events_dropped=values[0], flow_map_full=values[1], xmit_map_full=values[2],
                             probes_missed=self._kprobe_misses())
