@@ -20,7 +20,6 @@
 
 #define DEVNAME_LEN 16
 #define ETH_P_IP_BE 0x0008            /* htons(ETH_P_IP) as read from a little-endian u16 */
-#define RTN_UNSPEC 0
 #define LOOPBACK_IFINDEX 1
 
 struct flow_key {

@@ -40,7 +40,7 @@ class Tracer:
             # Only this process: other bcc tools keep compiling against what they find.
             os.environ["BCC_KERNEL_SOURCE"] = str(self.headers_path)
         try:
-            self._bpf = bcc.BPF(text=self.plan.program_text(), cflags=self.plan.cflags)
+            self._bpf = bcc.BPF(text=self.plan.program_text().encode(), cflags=self.plan.cflags)
             # TRACEPOINT_PROBE functions attach themselves on load; the rest by the plan.
             for a in self.plan.attachments:
                 if a.kind != "tracepoint":
