@@ -89,12 +89,11 @@ class Session:
         return new
 
     def _refresh(self) -> None:
-        changed = []
-        for flow in self._tracer.snapshot():
+        current = self._tracer.snapshot()
+        for flow in current:
             self.table.update(flow)
-            changed.append(flow)
         if self.recorder:
-            self.recorder.flows(changed)
+            self.recorder.flows(current)      # it writes only the flows that changed
 
     def finish(self) -> TraceResult:
         """Collect the last notices and counters; the trailer closes the recording."""
@@ -121,7 +120,7 @@ def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: fl
           record: str | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> TraceResult:
     offset = clock_offset_ns()
     recorder = TraceWriter(record) if record else None
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    previous = signal.getsignal(signal.SIGTERM)
     try:
         with Session(plan, headers_path, recorder) as session:
             filters = " ".join(f"{k}={v}" for k, v in plan.filters.describe().items()) or "none"
@@ -132,6 +131,8 @@ def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: fl
                 print(STREAM_HEADER, file=out, flush=True)
             deadline = None if duration is None else time.monotonic() + duration
             try:
+                # From here SIGTERM ends the trace like Ctrl-C; before, it unwinds as an error would.
+                signal.signal(signal.SIGTERM, _raise_stop)
                 while deadline is None or time.monotonic() < deadline:
                     for flow in session.pump(200):
                         print(json_line(flow.to_dict()) if as_json else stream_line(flow, offset),
