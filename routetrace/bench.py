@@ -145,6 +145,7 @@ def experiment(prepare, *, sandbox: bool, own: str | None, port: int, rounds: in
     with contextlib.ExitStack() as stack:
         if sandbox:
             sb = stack.enter_context(Sandbox())
+            print(sb.describe(), file=sys.stderr, flush=True)
             ns, own = sb.host, sb.own_addr
         else:
             ns, own = None, own or next(iter(netns.own_ipv4()), None)

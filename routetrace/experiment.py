@@ -61,6 +61,10 @@ class Sandbox:
             if ns:
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
+    def describe(self) -> str:
+        return (f"sandbox: namespaces {self.host} (eth0 {self.own_addr}/{PREFIX}) and "
+                f"{self.peer} (eth0 {self.peer_addr}/{PREFIX}), removed on exit")
+
     def serve(self, ns: str | None, *ports: int, kind: str = "serve") -> None:
         self._procs.append(start_listener(ns, ports, kind))
 
@@ -279,4 +283,9 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    try:
+        sys.exit(_main(sys.argv[1:]))
+    except (KeyboardInterrupt, BrokenPipeError):
+        # The parent (prove, bench, a test) was interrupted and took the pipe with it: a helper
+        # has nothing to add to the user's terminal.
+        sys.exit(130)

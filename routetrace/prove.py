@@ -177,6 +177,7 @@ def experiment(prepare, *, sandbox: bool, own: list[str], controls: list[str], p
     with contextlib.ExitStack() as stack:
         if sandbox:
             sb = stack.enter_context(Sandbox())
+            print(sb.describe(), file=sys.stderr, flush=True)
             ns, own, controls = sb.host, [sb.own_addr], [sb.peer_addr]
             if not closed:
                 sb.serve(sb.peer, port)

@@ -42,13 +42,20 @@ def sandbox(bpf_ready):
         yield sb
 
 
+def default_sigint():
+    """preexec_fn for routetrace under test: a shell without job control starts background
+    commands with SIGINT ignored, children inherit that, and Python then never raises
+    KeyboardInterrupt. Tests that press Ctrl-C need it back to the default, as in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class LiveRoutetrace:
     """`routetrace ...` as a user runs it, in a child process, stopped like a user stops it."""
 
     def __init__(self, *args: str, ready_timeout: float = 180):
         # Unbuffered bytes: what is read here must not sit in a buffer communicate() bypasses.
         self.proc = subprocess.Popen([sys.executable, "-m", "routetrace", *args], bufsize=0,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
         # "Tracing ..." goes to stdout like bcc tools, or to stderr when stdout carries JSON.
         stream = self.proc.stderr if "--json" in args else self.proc.stdout
         sel = selectors.DefaultSelector()
@@ -91,3 +98,16 @@ def live():
 
 def json_objects(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def sandbox_namespaces(stderr: str) -> list[str]:
+    """The namespaces a --sandbox run announced on stderr."""
+    import re
+    m = re.search(r"^sandbox: namespaces (\S+) .* and (\S+) ", stderr, re.M)
+    assert m, f"no sandbox announced: {stderr}"
+    return [m.group(1), m.group(2)]
+
+
+def namespaces() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import namespaces, sandbox_namespaces
 from routetrace import bench
 
 
@@ -79,7 +80,6 @@ def test_render_names_the_faster_target_only_when_measurable():
 
 @pytest.mark.bpf
 def test_bench_smoke_in_the_sandbox_with_probe_cost(bpf_ready):
-    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     out = subprocess.run([sys.executable, "-m", "routetrace", "bench", "--sandbox", "-d", "0.2", "-r", "2",
                           "--trace"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -87,4 +87,4 @@ def test_bench_smoke_in_the_sandbox_with_probe_cost(bpf_ready):
     for metric in bench.METRICS:
         assert out.stdout.count(metric) == 3        # comparison + traced/untraced per target
     assert "198.51.100.1 / 127.0.0.1 [95% CI]" in out.stdout
-    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before
+    assert not set(sandbox_namespaces(out.stderr)) & set(namespaces())

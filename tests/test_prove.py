@@ -3,13 +3,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from routetrace.prove import CONTROL, Target, judge, local_entry, render, verdict
 from routetrace.record import read_trace
-from conftest import FIXTURES
+from conftest import FIXTURES, default_sigint, namespaces, sandbox_namespaces
 
 PORT = 8888
 TABLE = [  # `ip -j route show table local` in the sandbox namespace
@@ -75,14 +74,9 @@ def _prove(*args):
                           capture_output=True, text=True, timeout=300)
 
 
-def _namespaces():
-    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-
-
 @pytest.mark.bpf
 @pytest.mark.parametrize("args", [[], ["--proto", "udp"], ["--closed"]], ids=["tcp", "udp", "closed"])
 def test_sandboxed_prove_holds_on_this_kernel(bpf_ready, args):
-    before = _namespaces()
     out = _prove("--json", *args)
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(out.stdout)
@@ -98,7 +92,8 @@ def test_sandboxed_prove_holds_on_this_kernel(bpf_ready, args):
     if "--closed" in args:       # SYN out and RST back, both on lo
         assert rows["loopback"]["xmit_devs"] == {"lo": 2}
     assert result["verdict"]["exit"] == 0
-    assert _namespaces() == before           # the sandbox is gone
+    created = sandbox_namespaces(out.stderr)
+    assert not set(created) & set(namespaces())      # the sandbox is gone
 
 
 @pytest.mark.bpf
@@ -114,26 +109,22 @@ def test_prove_records_a_trace_that_reports_the_same_flows(bpf_ready, tmp_path):
 @pytest.mark.bpf
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
 def test_interrupted_prove_removes_its_sandbox(bpf_ready, sig, code):
-    before = _namespaces()
-    proc = subprocess.Popen([sys.executable, "-m", "routetrace", "prove", "--sandbox"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and _namespaces() == before:
-        time.sleep(0.05)
-    assert _namespaces() != before, "the sandbox never appeared"
-    time.sleep(0.3)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == code, err
+    for _attempt in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "routetrace", "prove", "--sandbox"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=default_sigint)
+        first = proc.stderr.readline()          # the sandbox announces itself once it exists
+        created = sandbox_namespaces(first)
+        proc.send_signal(sig)                   # while it sets up listeners and probes
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode != 0:
+            break
+        # Exit 0: a loaded machine let it finish before the signal landed. Try again.
+    else:
+        pytest.fail("prove always finished before it could be interrupted")
+    assert proc.returncode == code, first + err
     assert "Traceback" not in err
-    assert _namespaces() == before
-
-
-@pytest.mark.bpf
-def test_sandboxed_prove_human_table(bpf_ready):
-    out = _prove()
-    assert out.returncode == 0, out.stderr
-    assert "eth0:0 lo:" in out.stdout and "verdict: the claim holds" in out.stdout
+    assert not set(created) & set(namespaces())
 
 
 def test_prove_usage_errors():

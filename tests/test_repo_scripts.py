@@ -55,14 +55,17 @@ def test_vagrant_demo_runs_on_a_nic_address(sandbox):
     """The VM demo, run inside a namespace standing in for the VM: its NIC is eth0 =
     198.51.100.1 with a default route, so the demo's traffic stays in the namespace."""
     subprocess.run(["ip", "-n", sandbox.host, "route", "add", "default", "via", sandbox.peer_addr], check=True)
-    before = set(_namespaces())
     try:
-        out = subprocess.run(["ip", "netns", "exec", sandbox.host, str(ROOT / "scripts" / "vagrant-demo")],
-                             capture_output=True, text=True, timeout=600)
-    finally:   # the demo removes its peer namespace itself, unless it was killed
-        for ns in set(_namespaces()) - before:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    assert set(_namespaces()) == before
+        proc = subprocess.Popen(["ip", "netns", "exec", sandbox.host, str(ROOT / "scripts" / "vagrant-demo")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:   # the demo removes its peer namespace (named after its pid) itself, unless it was killed
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["ip", "netns", "del", f"rt-demo-peer-{proc.pid}"], capture_output=True)
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    assert f"rt-demo-peer-{proc.pid}" not in _namespaces()
     assert out.returncode == 0, out.stdout + out.stderr
     assert "== NIC eth0 holds 198.51.100.1. The kernel's local table" in out.stdout
     assert "local 198.51.100.1 dev eth0 proto kernel scope host src 198.51.100.1" in out.stdout
