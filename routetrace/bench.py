@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from tabulate import tabulate
 
 from . import netns
-from .errors import UsageError
-from .experiment import Sandbox, bench_slice, start_listener, stop_process
+from .experiment import bench_slice, enter_sandbox, host_addresses, start_listener, stop_process
 from .probes import Filters
 
 # Two-sided 95% Student t critical values by degrees of freedom.
@@ -144,18 +143,15 @@ def experiment(prepare, *, sandbox: bool, own: str | None, port: int, rounds: in
     out, err = out or sys.stdout, err or sys.stderr
     with contextlib.ExitStack() as stack:
         if sandbox:
-            sb = stack.enter_context(Sandbox())
-            print(sb.describe(), file=sys.stderr, flush=True)
+            sb = enter_sandbox(stack)
             ns, own = sb.host, sb.own_addr
         else:
-            ns, own = None, own or next(iter(netns.own_ipv4()), None)
-            if own is None:
-                raise UsageError("this host has no IPv4 address besides loopback: give one with --to, or use --sandbox")
+            ns, own = None, host_addresses([own] if own else [])[0]
         stack.callback(stop_process, start_listener(ns, [port], "bench-serve"))
         conditions, tracer, attached = ("untraced",), None, [True]
         if prepare is not None:
             from .tracer import Tracer
-            plan, headers = prepare(Filters(netns=netns.resolve(ns)[0] if ns else netns.current_inode()))
+            plan, headers = prepare(Filters(netns=netns.inode_of(ns)))
             tracer = stack.enter_context(Tracer(plan, headers))
             conditions = ("untraced", "traced")
 

@@ -61,6 +61,11 @@ def build_filters(port, host, pid, netns_spec) -> probes.Filters:
     return probes.Filters(port=port, host=host, pid=pid, netns=inode)
 
 
+def backend_option(help="Which probes: the design card's kprobes, or tracepoints for kernels without them."):
+    return click.option("--backend", type=click.Choice(probes.BACKENDS), default="auto", show_default=True,
+                        envvar="ROUTETRACE_BACKEND", help=help)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="routetrace")
 def cli():
@@ -76,9 +81,7 @@ def cli():
 @click.option("--json", "as_json", is_flag=True, help="JSON lines: one per new flow, then a summary.")
 @click.option("--duration", "-d", type=float, callback=_duration, help="Stop after SECONDS.")
 @click.option("--record", "-w", metavar="FILE", help="Also write the trace to FILE (JSON lines, see README).")
-@click.option("--backend", type=click.Choice(probes.BACKENDS), default="auto", show_default=True,
-              envvar="ROUTETRACE_BACKEND",
-              help="kprobe: the design card's probes; tracepoint: for kernels without kprobes.")
+@backend_option("kprobe: the design card's probes; tracepoint: for kernels without kprobes.")
 @click.option("--dry-run", is_flag=True, help="Print the attach plan and offsets; load nothing.")
 def watch(port, host, pid, netns_spec, as_json, duration, record, backend, dry_run):
     """Show the kernel's route decision for each new flow, live; summary and verdict at the end.
@@ -132,8 +135,7 @@ def _addresses(_ctx, param, values):
 @click.option("--closed", is_flag=True, help="Connect to a port nothing listens on: the SYN is answered by RST.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the table.")
 @click.option("--record", "-w", metavar="FILE", help="Also write the trace to FILE.")
-@click.option("--backend", type=click.Choice(probes.BACKENDS), default="auto", show_default=True,
-              envvar="ROUTETRACE_BACKEND")
+@backend_option()
 def prove(port, sandbox, to, control, proto, closed, as_json, record, backend):
     """Connect to 127.0.0.1 and to own addresses while tracing: do both leave on lo?
 
@@ -163,9 +165,7 @@ def prove(port, sandbox, to, control, proto, closed, as_json, record, backend):
               help="Base port: PORT echo, PORT+1 bulk sink, PORT+2 accept-close.")
 @click.option("--trace", "with_trace", is_flag=True,
               help="Also measure with routetrace's probes attached, and report their cost.")
-@click.option("--backend", type=click.Choice(probes.BACKENDS), default="auto", show_default=True,
-              envvar="ROUTETRACE_BACKEND",
-              help="Which probes --trace attaches.")
+@backend_option("Which probes --trace attaches.")
 def bench(sandbox, to, duration, rounds, port, with_trace, backend):
     """Is 127.0.0.1 faster than an own address? Latency, throughput and connection rate, with intervals."""
     from . import bench as benchmark
@@ -191,7 +191,7 @@ def report(trace_file):
     h = trace.header
     click.echo(f"trace of {h.get('hostname', '?')} (kernel {h.get('kernel', '?')}), "
                f"{h.get('plan', {}).get('backend', '?')} plan, started {h.get('start_time', '?')}, "
-               f"filters: {' '.join(f'{k}={v}' for k, v in (h.get('filters') or {}).items()) or 'none'}")
+               f"filters: {probes.filters_text(h['filters'])}")
     if not trace.complete:
         click.echo(f"incomplete: no trailer, the recording was cut off; {len(trace.flows)} flows recorded until then"
                    + (" (a torn last line was dropped)" if trace.torn_last_line else ""))

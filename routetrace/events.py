@@ -102,3 +102,6 @@ class LossCounters:
     @property
     def total(self) -> int:
         return self.events_dropped + self.flow_map_full + self.xmit_map_full + self.probes_missed
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}

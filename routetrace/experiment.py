@@ -14,7 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from .errors import EnvironmentProblem
+from .errors import EnvironmentProblem, UsageError
 
 OWN_ADDR, PEER_ADDR, PREFIX = "198.51.100.1", "198.51.100.2", 24
 
@@ -70,6 +70,22 @@ class Sandbox:
 
     def connect(self, ns: str | None, host: str, port: int, proto: str = "tcp") -> str:
         return connect_from(ns, host, port, proto)
+
+
+def enter_sandbox(stack) -> Sandbox:
+    """A Sandbox held by an ExitStack, announced on stderr so its namespaces can be found."""
+    sb = stack.enter_context(Sandbox())
+    print(sb.describe(), file=sys.stderr, flush=True)
+    return sb
+
+
+def host_addresses(given: list[str]) -> list[str]:
+    """The own addresses to test on this host: those given, else every non-loopback IPv4 one."""
+    from . import netns
+    own = list(given) or netns.own_ipv4()
+    if not own:
+        raise UsageError("this host has no IPv4 address besides loopback: give one with --to, or use --sandbox")
+    return own
 
 
 def _argv(ns: str | None, *args: str) -> list[str]:

@@ -80,6 +80,11 @@ def addresses(inode: int) -> set[str]:
     return {a["local"] for link in data for a in link.get("addr_info", []) if a.get("family") == "inet"}
 
 
+def inode_of(name: str | None) -> int:
+    """The inode of a named namespace, or of this process's own when name is None."""
+    return resolve(name)[0] if name else current_inode()
+
+
 def own_ipv4(inode: int | None = None) -> list[str]:
     """This (or that) namespace's own IPv4 addresses outside the loopback range, in order."""
     import ipaddress

@@ -45,6 +45,14 @@ class Filters:
     def describe(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
+    def text(self) -> str:
+        return filters_text(self.describe())
+
+
+def filters_text(described: dict) -> str:
+    """"port=8888 netns=4026532177", or "none": for live runs and recorded headers alike."""
+    return " ".join(f"{k}={v}" for k, v in described.items()) or "none"
+
 
 @dataclass(frozen=True)
 class Attachment:
@@ -87,7 +95,7 @@ class AttachPlan:
                   for a in self.attachments]
         lines += [f"  because {r}" for r in self.reasons]
         lines.append(f"  sources: {', '.join(p.name for p in self.sources)}")
-        lines.append(f"  filters: {' '.join(f'{k}={v}' for k, v in self.filters.describe().items()) or 'none'}")
+        lines.append(f"  filters: {self.filters.text()}")
         lines.append("offsets:")
         lines += [f"  {o.define:<24} {o.path:<34} {o.value:>6}  ({o.source})" for o in self.offsets]
         return "\n".join(lines)

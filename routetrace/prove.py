@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from tabulate import tabulate
 
 from . import netns
-from .errors import UsageError
 from .events import Flow
-from .experiment import Sandbox, connect_from, start_listener, stop_process
+from .experiment import connect_from, enter_sandbox, host_addresses, start_listener, stop_process
 from .flows import LOOPBACK, OWN, is_loopback_device
 from .probes import Filters
 from .record import TraceWriter
@@ -164,7 +163,7 @@ def run(plan, headers_path, *, ns: str | None, targets: list[Target], port: int,
     if as_json:
         print(json_line({"type": "prove", "proto": proto, "port": port, "closed": closed,
                          "rows": [r.to_dict() for r in rows], "verdict": {"exit": code, "text": text},
-                         "lost": result.losses.__dict__ | {"total": result.losses.total}}), file=out)
+                         "lost": result.losses.to_dict()}), file=out)
     else:
         print(render(rows, code, text, result.losses), file=out)
     return code
@@ -176,22 +175,18 @@ def experiment(prepare, *, sandbox: bool, own: list[str], controls: list[str], p
     prepare(filters) -> (plan, headers) does the checks a live trace needs."""
     with contextlib.ExitStack() as stack:
         if sandbox:
-            sb = stack.enter_context(Sandbox())
-            print(sb.describe(), file=sys.stderr, flush=True)
+            sb = enter_sandbox(stack)
             ns, own, controls = sb.host, [sb.own_addr], [sb.peer_addr]
             if not closed:
                 sb.serve(sb.peer, port)
         else:
-            ns, own = None, own or netns.own_ipv4()
-        if not own:
-            raise UsageError("this host has no IPv4 address besides loopback: give one with --to, or use --sandbox")
+            ns, own = None, host_addresses(own)
         if not closed:
             stack.callback(stop_process, start_listener(ns, [port]))
         table = local_table(ns)
         targets = [Target("127.0.0.1", LOOPBACK, *local_entry("127.0.0.1", table))]
         targets += [Target(a, OWN, *local_entry(a, table)) for a in own]
         targets += [Target(a, CONTROL) for a in controls]
-        inode = netns.resolve(ns)[0] if ns else netns.current_inode()
-        plan, headers = prepare(Filters(port=port, netns=inode))
+        plan, headers = prepare(Filters(port=port, netns=netns.inode_of(ns)))
         return run(plan, headers, ns=ns, targets=targets, port=port, proto=proto, closed=closed,
                    record=record, as_json=as_json)

@@ -80,7 +80,7 @@ class TraceWriter:
                 self.write(flow.to_dict())
 
     def trailer(self, losses: LossCounters) -> None:
-        self.write({"type": "trailer", "end_time": _now_iso(), "lost": losses.__dict__ | {"total": losses.total},
+        self.write({"type": "trailer", "end_time": _now_iso(), "lost": losses.to_dict(),
                     "flows": self._flows})
         self.flush()
 

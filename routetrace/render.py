@@ -81,7 +81,7 @@ def summary_object(flows: list[Flow], v: Verdict, losses: LossCounters) -> dict:
                           "route_types": sorted(d.route_types), "route_devs": sorted(d.route_devs),
                           "xmit_devs": d.xmit_devs} for d in v.destinations],
         "verdict": {"holds": v.holds, "text": v.text},
-        "lost": losses.__dict__ | {"total": losses.total},
+        "lost": losses.to_dict(),
     }
 
 

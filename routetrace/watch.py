@@ -123,8 +123,7 @@ def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: fl
     previous = signal.getsignal(signal.SIGTERM)
     try:
         with Session(plan, headers_path, recorder) as session:
-            filters = " ".join(f"{k}={v}" for k, v in plan.filters.describe().items()) or "none"
-            print(f"Tracing route decisions ({plan.backend} plan, {plan.reasons[0]}; filters: {filters})... "
+            print(f"Tracing route decisions ({plan.backend} plan, {plan.reasons[0]}; filters: {plan.filters.text()})... "
                   f"{'Hit Ctrl-C to end.' if duration is None else f'for {duration:g}s.'}",
                   file=err if as_json else out, flush=True)
             if not as_json:
