@@ -40,9 +40,12 @@ class FlowKey:
 
 @dataclass
 class Flow:
-    """One direction of one connection (or datagram stream), as the kernel saw it."""
+    """One direction of one connection (or datagram stream), as the kernel saw it.
+
+    Fields after `backend` were added in format 1.1 (IPv6, device identity, exact accounting);
+    a reader fills their defaults for older recordings."""
     proto: str
-    saddr: str
+    saddr: str                      # RFC 5952 text for IPv6
     sport: int
     daddr: str
     dport: int
@@ -53,23 +56,37 @@ class Flow:
     route_dev: str | None           # that route's dst.dev
     fib_dev: str | None             # the FIB's nexthop device for daddr
     fib_table: int | None
-    xmit_devs: dict[str, int] = field(default_factory=dict)   # device -> packets transmitted
-    packets: int = 0
+    xmit_devs: dict[str, int] = field(default_factory=dict)   # device name -> packets (names may repeat: see devices)
+    packets: int = 0                # skbs handed to a device (what the devices' tx_packets count)
     bytes: int = 0
     first_ns: int = 0
     last_ns: int = 0
     backend: str = "tracepoint"
+    family: int = 4                 # 4 or 6
+    segments: int = 0               # packets as the wire sees them: GSO segments of those skbs
+    route_src: str | None = None    # where the route came from: "packet", "socket" or "lookup"
+    route_ifindex: int | None = None
+    route_loopback: bool | None = None   # the route device has IFF_LOOPBACK (identity, not the name "lo")
+    fib_ifindex: int | None = None
+    # Per transmit device, by identity: [{"ifindex", "name", "loopback", "packets", "segments", "bytes"}]
+    devices: list[dict] = field(default_factory=list)
+    fragments: int = 0              # non-first IPv4/IPv6 fragments counted to this flow (in packets too)
+    # Fields a newer routetrace wrote that this one does not know: kept and written back as they
+    # were, so an older reader passes a newer minor format through unchanged.
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def key(self) -> FlowKey:
         return FlowKey(self.netns, self.proto, self.saddr, self.sport, self.daddr, self.dport)
 
     def to_dict(self) -> dict:
-        return {"type": "flow", **asdict(self)}
+        out = {"type": "flow", **asdict(self)}
+        extra = out.pop("extra")
+        return {**out, **{k: v for k, v in extra.items() if k not in out}}
 
     @classmethod
     def field_types(cls) -> dict[str, str]:
-        return {f.name: f.type for f in fields(cls)}
+        return {f.name: f.type for f in fields(cls) if f.name != "extra"}
 
 
 def decode_flow(key, value, xmit_devs: dict[str, int], backend: str) -> Flow:

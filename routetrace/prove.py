@@ -24,7 +24,7 @@ from .flows import LOOPBACK, OWN, is_loopback_device
 from .probes import Filters
 from .record import TraceWriter
 from .render import devices, json_line, losses_line
-from .watch import Session
+from .session import Session
 
 CONTROL = "control"
 

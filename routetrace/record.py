@@ -16,7 +16,8 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Iterable
 
@@ -94,7 +95,7 @@ class TraceWriter:
 # ---- reading ---------------------------------------------------------------------------
 
 _FLOW_TYPES = {"str": str, "int": int, "str | None": (str, type(None)), "int | None": (int, type(None)),
-               "dict[str, int]": dict}
+               "dict[str, int]": dict, "bool | None": (bool, type(None)), "list[dict]": list}
 
 
 @dataclass
@@ -126,7 +127,9 @@ _HEADER_FIELDS = {"tool_version": str, "kernel": str, "hostname": str, "plan": d
 def _flow_from(obj: dict, where: str) -> Flow:
     types = Flow.field_types()
     fields = {k: v for k, v in obj.items() if k != "type"}
-    missing = sorted(set(types) - set(fields))
+    required = {f.name for f in dataclass_fields(Flow)
+                if f.default is MISSING and f.default_factory is MISSING}
+    missing = sorted(required - set(fields))
     if missing:
         raise TraceFileError(f"{where}: flow is missing field {missing[0]!r}")
     extra = sorted(set(fields) - set(types))
@@ -134,7 +137,8 @@ def _flow_from(obj: dict, where: str) -> Flow:
         raise TraceFileError(f"{where}: flow has unknown field {extra[0]!r}")
     for name, value in fields.items():
         want = _FLOW_TYPES[types[name]]
-        if isinstance(value, bool) or not isinstance(value, want):
+        if (isinstance(value, bool) and bool not in (want if isinstance(want, tuple) else (want,))) \
+                or not isinstance(value, want):
             raise TraceFileError(f"{where}: flow field {name!r} has the wrong type ({type(value).__name__})")
         if types[name] == "dict[str, int]" and not all(
                 isinstance(k, str) and isinstance(n, int) and not isinstance(n, bool) for k, n in value.items()):
