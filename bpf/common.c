@@ -2,11 +2,17 @@
  *
  * Struct members are never dereferenced through kernel headers: bcc may compile against
  * headers of another kernel, so every offset arrives as an OFF_* define (see offsets.py).
- * Configuration arrives the same way: FILTER_PORT, FILTER_HOST, FILTER_PID, FILTER_NETNS.
+ * Configuration arrives the same way: FILTER_*, MAX_FLOWS, RING_PAGES.
+ *
+ * Exactness. Packets are counted in one of two plain hash maps (flows0/flows1), chosen by the
+ * epoch in control[0]. User space drains the map that is NOT in use (lookup-and-delete in
+ * batches) and only then flips the epoch, so a delete never races an increment: a program that
+ * found an entry a moment before the flip finishes long before that map is drained, one
+ * interval later. A full map fails the insert (plain hash, not LRU: nothing is evicted
+ * silently) and the packet is counted as lost, in packets and bytes.
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
-#include <uapi/linux/in.h>
 #ifdef OFFSETS_FROM_HEADERS
 /* The running kernel's own headers: OFF_* are offsetof() expressions over these. */
 #include <linux/skbuff.h>
@@ -16,105 +22,165 @@
 #include <net/route.h>
 #include <net/sock.h>
 #include <net/flow.h>
+#include <net/ip_fib.h>
+#include <net/ip6_fib.h>
 #endif
 
 #define DEVNAME_LEN 16
-#define ETH_P_IP_BE 0x0008            /* htons(ETH_P_IP) as read from a little-endian u16 */
 #define LOOPBACK_IFINDEX 1
+#define NETDEV_IFF_LOOPBACK 0x8
+#define ETHERTYPE_IP 0x0800
+#define ETHERTYPE_IPV6 0x86DD
+#define PROTO_ICMP 1
+#define PROTO_TCP 6
+#define PROTO_UDP 17
+#define PROTO_ICMPV6 58
+#define NEXTHDR_HOP 0
+#define NEXTHDR_ROUTING 43
+#define NEXTHDR_FRAGMENT 44
+#define NEXTHDR_DEST 60
+#define AF_INET6_ 10
+#define RTF_REJECT_ 0x0200
+#define RTF_ANYCAST_ 0x00100000
+#define RTF_LOCAL_ 0x80000000
+#define RTN_UNICAST_ 1
+#define RTN_LOCAL_ 2
+#define RTN_ANYCAST_ 4
+#define RTN_MULTICAST_ 5
+#define RTN_UNREACHABLE_ 7
 
+#define MIN2(a, b) ((a) < (b) ? (a) : (b))
+#define MAX2(a, b) ((a) > (b) ? (a) : (b))
+
+/* One entry per (flow, transmit device): the device is part of the key, so a packet costs
+ * one hash lookup and a flow seen on two devices is two entries user space merges. */
 struct flow_key {
     u32 netns;
-    u32 saddr;                        /* network byte order */
-    u32 daddr;
+    u32 ifindex;                      /* transmit device */
+    u8 saddr[16];                     /* network byte order; IPv4 uses the first 4 bytes */
+    u8 daddr[16];
     u16 sport;                        /* host byte order */
     u16 dport;
     u8 proto;
-    u8 pad[3];
+    u8 family;                        /* 4 or 6 */
+    u16 pad;
 };
 
+enum route_source { ROUTE_NONE, ROUTE_FROM_PACKET, ROUTE_FROM_SOCKET, ROUTE_FROM_LOOKUP };
+
+#define FLOW_HAS_FIB 0x01
+#define FLOW_ROUTE_LOOPBACK 0x02      /* the route's device has IFF_LOOPBACK */
+#define FLOW_DEV_LOOPBACK 0x04        /* the transmit device has IFF_LOOPBACK */
+#define FLOW_V4_MAPPED_SOCKET 0x08    /* an IPv4 packet from an AF_INET6 socket (::ffff:a.b.c.d) */
+#define FLOW_CONTINUED 0x10           /* the same key was in the previous epoch's map */
+
 struct flow_value {
-    u64 first_ns;
-    u64 last_ns;
-    u64 packets;
+    u64 packets;                      /* skbs handed to the device */
     u64 bytes;
+    u64 segments;                     /* GSO segments: what the wire carries */
+    u64 fragments;                    /* non-first fragments among the packets */
+    u64 first_ns;
     u32 pid;
     u32 fib_table;
+    u32 route_ifindex;
+    u32 fib_ifindex;
     u16 route_type;
-    u8 has_route;
-    u8 has_fib;
+    u8 route_src;
+    u8 flags;
     u32 pad;
     char comm[TASK_COMM_LEN];
+    char dev[DEVNAME_LEN];            /* transmit device's name when the entry was made */
     char route_dev[DEVNAME_LEN];
     char fib_dev[DEVNAME_LEN];
 };
 
-struct xmit_key {
-    struct flow_key flow;
-    u32 ifindex;
-    u32 pad;
-};
-
-struct xmit_value {
-    u64 packets;
-    u64 bytes;
-    char dev[DEVNAME_LEN];
-};
-
 struct fib_key {
     u32 netns;
-    u32 daddr;
+    u8 family;
+    u8 pad[3];
+    u8 daddr[16];
 };
 
 struct fib_value {
     u32 table;
-    u32 pad;
+    u32 ifindex;
     char dev[DEVNAME_LEN];
 };
 
-/* Sent once per new flow; everything else is read from the maps, so packet rate never
- * sets user-space cost. */
+/* Non-first fragments carry no ports: the first fragment leaves its ports here. */
+struct frag_key {
+    u32 netns;
+    u32 id;
+    u8 saddr[16];
+    u8 daddr[16];
+    u8 proto;
+    u8 family;
+    u16 pad;
+};
+
+struct frag_ports {
+    u16 sport;
+    u16 dport;
+};
+
+/* A hint for prompt streaming only: counts always come from draining the maps. */
 struct new_flow_event {
     struct flow_key key;
-    u32 pad;                          /* explicit: user space reads this with packed ctypes */
     struct flow_value value;
-    char xmit_dev[DEVNAME_LEN];
 };
 
 enum stat_index {
-    STAT_EVENTS_DROPPED,              /* ring buffer full: a new-flow notice was lost */
-    STAT_FLOW_MAP_FULL,               /* a flow could not be inserted */
-    STAT_XMIT_MAP_FULL,
+    STAT_EVENTS_DROPPED,              /* ring buffer full: a flow is streamed late, not lost */
+    STAT_LOST_PACKETS,                /* flow map full: packets not counted */
+    STAT_LOST_BYTES,
+    STAT_UNDECODED,                   /* packets of families/protocols not decoded */
+    STAT_CREATED_0,                   /* entries made in flows0 / flows1 since their drain */
+    STAT_CREATED_1,
     STAT_MAX,
 };
 
-BPF_TABLE("lru_hash", struct flow_key, struct flow_value, flows, 16384);
-BPF_TABLE("lru_hash", struct xmit_key, struct xmit_value, xmits, 32768);
-BPF_TABLE("lru_hash", struct fib_key, struct fib_value, fib_answers, 4096);
-BPF_ARRAY(stats, u64, STAT_MAX);
+#ifndef MAX_FLOWS
+#define MAX_FLOWS 65536
+#endif
+#ifndef RING_PAGES
+#define RING_PAGES 1024
+#endif
 
-/* The kprobe plan's record of ip_route_output_key_hash's answers, by destination. */
+BPF_HASH(flows0, struct flow_key, struct flow_value, MAX_FLOWS);
+BPF_HASH(flows1, struct flow_key, struct flow_value, MAX_FLOWS);
+BPF_ARRAY(control, u32, 1);
+BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
+BPF_PERCPU_ARRAY(scratch, struct flow_value, 1);
+/* Context, not counts: an evicted answer only leaves a flow without its FIB column. */
+BPF_TABLE("lru_hash", struct fib_key, struct fib_value, fib_answers, 16384);
+BPF_TABLE("lru_hash", struct frag_key, struct frag_ports, frag_ports_map, 4096);
+BPF_RINGBUF_OUTPUT(new_flows, RING_PAGES);
+
+#ifdef ROUTE_DECISIONS
+/* The kprobe plan's record of the routing function's answers, by destination. */
 struct route_key {
     u32 netns;
-    u32 daddr;
+    u8 family;
+    u8 pad[3];
+    u8 daddr[16];
 };
 
 struct route_value {
     u16 rt_type;
-    u16 pad;
-    u32 pad2;
+    u8 loopback;
+    u8 pad;
+    u32 ifindex;
     char dev[DEVNAME_LEN];
 };
 
-#ifdef ROUTE_DECISIONS
 BPF_TABLE("lru_hash", struct route_key, struct route_value, route_answers, 4096);
 #endif
-BPF_RINGBUF_OUTPUT(new_flows, 64);
 
-static __always_inline void count_stat(int idx)
+static __always_inline void count_stat(int idx, u64 n)
 {
     u64 *v = stats.lookup(&idx);
     if (v)
-        __sync_fetch_and_add(v, 1);
+        *v += n;                      /* per-CPU: no atomics */
 }
 
 static __always_inline void *read_ptr(void *base, int off)
@@ -137,13 +203,11 @@ static __always_inline u32 netns_of_dev(void *dev)
     return dev ? netns_of_net(read_ptr(dev, OFF_NETDEV_NET)) : 0;
 }
 
-static __always_inline u32 current_netns(void)
+static __always_inline u32 dev_loopback(void *dev)
 {
-    void *task = (void *)bpf_get_current_task();
-    void *nsproxy = read_ptr(task, OFF_TASK_NSPROXY);
-    if (!nsproxy)                     /* an exiting task */
-        return 0;
-    return netns_of_net(read_ptr(nsproxy, OFF_NSPROXY_NET));
+    u32 flags = 0;
+    bpf_probe_read_kernel(&flags, sizeof(flags), dev + OFF_NETDEV_FLAGS);
+    return flags & NETDEV_IFF_LOOPBACK;
 }
 
 static __always_inline int port_matches(u16 sport, u16 dport)
@@ -155,10 +219,28 @@ static __always_inline int port_matches(u16 sport, u16 dport)
 #endif
 }
 
-static __always_inline int host_matches(u32 saddr, u32 daddr)
+static __always_inline int family_matches(u8 family)
 {
-#ifdef FILTER_HOST
-    return saddr == FILTER_HOST || daddr == FILTER_HOST;
+#ifdef FILTER_FAMILY
+    return family == FILTER_FAMILY;
+#else
+    return 1;
+#endif
+}
+
+#ifdef FILTER_HOST_FAMILY
+static __always_inline int addr_is_host(const u8 *a)
+{
+    u32 w[4];
+    __builtin_memcpy(w, a, 16);
+    return w[0] == FILTER_HOST_W0 && w[1] == FILTER_HOST_W1 && w[2] == FILTER_HOST_W2 && w[3] == FILTER_HOST_W3;
+}
+#endif
+
+static __always_inline int host_matches(u8 family, const u8 *saddr, const u8 *daddr)
+{
+#ifdef FILTER_HOST_FAMILY
+    return family == FILTER_HOST_FAMILY && (addr_is_host(saddr) || addr_is_host(daddr));
 #else
     return 1;
 #endif
@@ -173,79 +255,221 @@ static __always_inline int netns_matches(u32 netns)
 #endif
 }
 
-/* The FIB's answer for a destination, kept so a flow can show "FIB said eth0, sent on lo". */
-static __always_inline void remember_fib(u32 netns, u32 daddr, struct fib_value *answer)
+/* The FIB's answer for a destination, kept so a flow can show "FIB said eth0, sent on lo".
+ * The namespace comes from the lookup itself (its nexthop device or its net), never from
+ * `current`: replies are looked up in softirq while another namespace's task runs. */
+static __always_inline void remember_fib(u32 netns, u8 family, const u8 *daddr, u32 table, void *nh_dev)
 {
-    struct fib_key k = {.netns = netns, .daddr = daddr};
-    fib_answers.update(&k, answer);
+    struct fib_key k = {.netns = netns, .family = family};
+    __builtin_memcpy(k.daddr, daddr, 16);
+    struct fib_value v = {.table = table};
+    if (nh_dev) {
+        bpf_probe_read_kernel(&v.ifindex, sizeof(v.ifindex), nh_dev + OFF_NETDEV_IFINDEX);
+        bpf_probe_read_kernel(&v.dev, DEVNAME_LEN, nh_dev + OFF_NETDEV_NAME);
+    }
+    fib_answers.update(&k, &v);
 }
 
-/* The route a packet was given. The skb's dst is the rtable ip_route_output_key_hash chose (dst
- * is its first member) -- but __dev_queue_xmit drops it before net:net_dev_queue fires on
- * devices with IFF_XMIT_DST_RELEASE (veth, NICs; not lo). Then the sending socket's cached
- * route is the same decision: TCP and connected UDP sockets keep it in sk_dst_cache. */
+/* The route a packet was given. The skb's dst is the route the output lookup chose (dst is the
+ * first member of rtable and rt6_info) -- but __dev_queue_xmit drops it before net_dev_queue
+ * fires on devices with IFF_XMIT_DST_RELEASE (veth, NICs; not lo). Then the sending socket's
+ * cached route is the same decision: TCP and connected UDP sockets keep it in sk_dst_cache. */
 #define TCP_TIME_WAIT 6
 #define TCP_NEW_SYN_RECV 12
 
-static __always_inline void *route_of(void *skb)
+static __always_inline void *route_of(void *refdst, void *sk, u8 *src)
 {
-    void *rt = (void *)((unsigned long)read_ptr(skb, OFF_SKB_REFDST) & ~1UL);
-    if (rt)
+    void *rt = (void *)((unsigned long)refdst & ~1UL);
+    if (rt) {
+        *src = ROUTE_FROM_PACKET;
         return rt;
-    void *sk = read_ptr(skb, OFF_SKB_SK);
+    }
     if (!sk)
         return 0;
     u8 state = 0;
     bpf_probe_read_kernel(&state, sizeof(state), sk + OFF_SK_STATE);
     if (state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV)   /* not a full socket */
         return 0;
-    return read_ptr(sk, OFF_SK_DST_CACHE);
+    rt = read_ptr(sk, OFF_SK_DST_CACHE);
+    if (rt)
+        *src = ROUTE_FROM_SOCKET;
+    return rt;
+}
+
+/* rtable has rt_type; rt6_info says the same in its flags. */
+static __always_inline u16 route_type_of(void *rt, u8 family, const u8 *daddr)
+{
+    if (family == 4) {
+        u8 t = 0;
+        bpf_probe_read_kernel(&t, sizeof(t), rt + OFF_RTABLE_RT_TYPE);
+        return t;
+    }
+    u32 flags = 0;
+    bpf_probe_read_kernel(&flags, sizeof(flags), rt + OFF_RT6_FLAGS);
+    if (flags & RTF_LOCAL_)
+        return RTN_LOCAL_;
+    if (flags & RTF_REJECT_)
+        return RTN_UNREACHABLE_;
+    if (flags & RTF_ANYCAST_)
+        return RTN_ANYCAST_;
+    if (daddr[0] == 0xff)
+        return RTN_MULTICAST_;
+    return RTN_UNICAST_;
+}
+
+static __always_inline void describe_route(struct flow_value *v, void *rt, u8 family, const u8 *daddr)
+{
+    v->route_type = route_type_of(rt, family, daddr);
+    void *rdev = read_ptr(rt, OFF_DST_DEV);
+    if (rdev) {
+        bpf_probe_read_kernel(&v->route_ifindex, sizeof(v->route_ifindex), rdev + OFF_NETDEV_IFINDEX);
+        bpf_probe_read_kernel(&v->route_dev, DEVNAME_LEN, rdev + OFF_NETDEV_NAME);
+        if (dev_loopback(rdev))
+            v->flags |= FLOW_ROUTE_LOOPBACK;
+    }
 }
 
 /* The kprobe plan: what the routing function itself returned for this destination, as its
- * kretprobe saw it. Decisions made before tracing began fall back to the packet's route. */
-static __always_inline int route_decided(struct flow_key *key, struct flow_value *init)
+ * kretprobe saw it -- used only when neither the packet nor its socket carries the route. */
+static __always_inline int route_decided(struct flow_key *key, struct flow_value *v)
 {
 #ifdef ROUTE_DECISIONS
-    struct route_key rk = {.netns = key->netns, .daddr = key->daddr};
+    struct route_key rk = {.netns = key->netns, .family = key->family};
+    __builtin_memcpy(rk.daddr, key->daddr, 16);
     struct route_value *decided = route_answers.lookup(&rk);
     if (decided) {
-        init->has_route = 1;
-        init->route_type = decided->rt_type;
-        __builtin_memcpy(init->route_dev, decided->dev, DEVNAME_LEN);
+        v->route_src = ROUTE_FROM_LOOKUP;
+        v->route_type = decided->rt_type;
+        v->route_ifindex = decided->ifindex;
+        if (decided->loopback)
+            v->flags |= FLOW_ROUTE_LOOPBACK;
+        __builtin_memcpy(v->route_dev, decided->dev, DEVNAME_LEN);
         return 1;
     }
 #endif
     return 0;
 }
 
+static __always_inline struct flow_value *lookup_flow(u32 epoch, struct flow_key *key)
+{
+    return epoch ? flows1.lookup(key) : flows0.lookup(key);
+}
+
 /* Reserved and submitted in one place: older verifiers (6.1) lose track of a reservation
  * held across other branches. */
-static __always_inline void notify_new_flow(struct flow_key *key, struct flow_value *init,
-                                            void *dev, u16 tot_len)
+static __always_inline void notify_new_flow(struct flow_key *key, struct flow_value *v)
 {
     struct new_flow_event *ev = new_flows.ringbuf_reserve(sizeof(*ev));
     if (!ev) {
-        count_stat(STAT_EVENTS_DROPPED);
+        count_stat(STAT_EVENTS_DROPPED, 1);
         return;
     }
     ev->key = *key;
-    ev->value = *init;
-    ev->value.packets = 1;            /* the packet that created it, counted by the caller */
-    ev->value.bytes = tot_len;
-    bpf_probe_read_kernel(&ev->xmit_dev, DEVNAME_LEN, dev + OFF_NETDEV_NAME);
+    ev->value = *v;
     new_flows.ringbuf_submit(ev, 0);
 }
 
-/* Parse an IPv4 skb about to be transmitted on `dev` and account it to its flow. */
+/* The first packet of a (flow, device) in this epoch: everything that does not change per
+ * packet is read once, here. Returns the entry to count into, or NULL when the map is full. */
+static __always_inline struct flow_value *create_flow(u32 epoch, struct flow_key *key, void *dev,
+                                                      void *refdst, void *sk)
+{
+#ifdef FILTER_PID
+    if ((bpf_get_current_pid_tgid() >> 32) != FILTER_PID)
+        return 0;
+#endif
+    int zero = 0;
+    struct flow_value *v = scratch.lookup(&zero);
+    if (!v)
+        return 0;
+    __builtin_memset(v, 0, sizeof(*v));
+    v->first_ns = bpf_ktime_get_ns();
+    v->pid = bpf_get_current_pid_tgid() >> 32;
+    bpf_get_current_comm(&v->comm, sizeof(v->comm));
+    bpf_probe_read_kernel(&v->dev, DEVNAME_LEN, dev + OFF_NETDEV_NAME);
+    if (dev_loopback(dev))
+        v->flags |= FLOW_DEV_LOOPBACK;
+
+    u8 src = ROUTE_NONE;
+    void *rt = route_of(refdst, sk, &src);
+    if (rt) {
+        v->route_src = src;
+        describe_route(v, rt, key->family, key->daddr);
+    } else {
+        route_decided(key, v);
+    }
+    if (key->family == 4 && sk) {
+        u16 sk_family = 0;
+        bpf_probe_read_kernel(&sk_family, sizeof(sk_family), sk + OFF_SK_FAMILY);
+        if (sk_family == AF_INET6_)
+            v->flags |= FLOW_V4_MAPPED_SOCKET;
+    }
+    struct fib_key fk = {.netns = key->netns, .family = key->family};
+    __builtin_memcpy(fk.daddr, key->daddr, 16);
+    struct fib_value *fib = fib_answers.lookup(&fk);
+    if (fib) {
+        v->flags |= FLOW_HAS_FIB;
+        v->fib_table = fib->table;
+        v->fib_ifindex = fib->ifindex;
+        __builtin_memcpy(v->fib_dev, fib->dev, DEVNAME_LEN);
+    }
+    /* Known to user space already when the previous epoch had it: no notice, and user space
+     * can tell a continuing flow from a new one. */
+    int continued = (epoch ? flows0.lookup(key) : flows1.lookup(key)) != 0;
+    if (continued)
+        v->flags |= FLOW_CONTINUED;
+
+    int err = epoch ? flows1.insert(key, v) : flows0.insert(key, v);
+    if (err == 0) {
+        count_stat(epoch ? STAT_CREATED_1 : STAT_CREATED_0, 1);
+        if (!continued)
+            notify_new_flow(key, v);
+    }
+    return lookup_flow(epoch, key);   /* ours, or another CPU's that won the race */
+}
+
+/* IPv6 extension headers before the transport header: a few, bounded. Returns the transport
+ * protocol and sets *off (from the network header) and the fragment fields. */
+static __always_inline u8 skip_ipv6_ext(unsigned char *nh, u8 next, u32 *off, u32 *frag_id,
+                                        u16 *frag_offset, u8 *more)
+{
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST &&
+            next != NEXTHDR_FRAGMENT)
+            return next;
+        u8 ext[8];
+        if (bpf_probe_read_kernel(ext, sizeof(ext), nh + *off))
+            return 255;
+        if (next == NEXTHDR_FRAGMENT) {
+            u16 fo = ((u16)ext[2] << 8) | ext[3];
+            *frag_offset = fo >> 3;
+            *more = fo & 1;
+            __builtin_memcpy(frag_id, &ext[4], 4);
+            *off += 8;
+        } else {
+            *off += ((u32)ext[1] + 1) * 8;
+        }
+        next = ext[0];
+    }
+    return 255;                        /* too many extension headers: not decoded */
+}
+
+/* The sk_buff fields read per packet, fetched in one read of the span that holds them. */
+#define SKB_WIN_BASE MIN2(MIN2(MIN2(OFF_SKB_DEV, OFF_SKB_SK), MIN2(OFF_SKB_REFDST, OFF_SKB_HEAD)), \
+                          MIN2(MIN2(OFF_SKB_NETWORK_HEADER, OFF_SKB_PROTOCOL), MIN2(OFF_SKB_END, OFF_SKB_LEN)))
+#define SKB_WIN_END MAX2(MAX2(MAX2(OFF_SKB_DEV + 8, OFF_SKB_SK + 8), MAX2(OFF_SKB_REFDST + 8, OFF_SKB_HEAD + 8)), \
+                         MAX2(MAX2(OFF_SKB_NETWORK_HEADER + 2, OFF_SKB_PROTOCOL + 2), \
+                              MAX2(OFF_SKB_END + 4, MAX2(OFF_SKB_LEN + 4, OFF_SKB_DATA + 8))))
+#define SKB_FIELD(type, off) (*(type *)(win + (off) - SKB_WIN_BASE))
+
+/* Account one skb about to be transmitted to its (flow, device) entry. */
 static __always_inline int account_xmit(void *skb)
 {
-    u16 protocol = 0;
-    bpf_probe_read_kernel(&protocol, sizeof(protocol), skb + OFF_SKB_PROTOCOL);
-    if (protocol != ETH_P_IP_BE)
+    u8 win[SKB_WIN_END - SKB_WIN_BASE];
+    if (bpf_probe_read_kernel(win, sizeof(win), skb + SKB_WIN_BASE))
         return 0;
-
-    void *dev = read_ptr(skb, OFF_SKB_DEV);
+    void *dev = SKB_FIELD(void *, OFF_SKB_DEV);
     if (!dev)
         return 0;
     struct flow_key key = {};
@@ -253,82 +477,113 @@ static __always_inline int account_xmit(void *skb)
     if (!netns_matches(key.netns))
         return 0;
 
-    unsigned char *head = read_ptr(skb, OFF_SKB_HEAD);
-    u16 nh_off = 0;
-    bpf_probe_read_kernel(&nh_off, sizeof(nh_off), skb + OFF_SKB_NETWORK_HEADER);
-    u8 iph[20];
-    if (bpf_probe_read_kernel(iph, sizeof(iph), head + nh_off))
+    u16 ethertype = bpf_ntohs(SKB_FIELD(u16, OFF_SKB_PROTOCOL));
+    unsigned char *nh = SKB_FIELD(unsigned char *, OFF_SKB_HEAD) + SKB_FIELD(u16, OFF_SKB_NETWORK_HEADER);
+    u8 hdr[48];                        /* an IPv6 header and the ports after it, or IPv4 + ports */
+    u32 l4off, frag_id = 0;
+    u16 frag_offset = 0, ip_len = 0;
+    u8 more_frags = 0;
+    if (ethertype == ETHERTYPE_IP) {
+        if (bpf_probe_read_kernel(hdr, sizeof(hdr), nh) || (hdr[0] >> 4) != 4 || (hdr[0] & 0x0f) < 5)
+            goto undecoded;
+        key.family = 4;
+        key.proto = hdr[9];
+        __builtin_memcpy(key.saddr, &hdr[12], 4);
+        __builtin_memcpy(key.daddr, &hdr[16], 4);
+        ip_len = ((u16)hdr[2] << 8) | hdr[3];
+        u16 fo = ((u16)hdr[6] << 8) | hdr[7];
+        frag_offset = fo & 0x1fff;
+        more_frags = (fo & 0x2000) != 0;
+        frag_id = ((u32)hdr[4] << 8) | hdr[5];
+        l4off = (hdr[0] & 0x0f) * 4;
+    } else if (ethertype == ETHERTYPE_IPV6) {
+        if (bpf_probe_read_kernel(hdr, sizeof(hdr), nh) || (hdr[0] >> 4) != 6)
+            goto undecoded;
+        key.family = 6;
+        __builtin_memcpy(key.saddr, &hdr[8], 16);
+        __builtin_memcpy(key.daddr, &hdr[24], 16);
+        u16 payload = ((u16)hdr[4] << 8) | hdr[5];
+        ip_len = payload ? payload + 40 : 0;
+        l4off = 40;
+        key.proto = hdr[6];
+        if (key.proto != PROTO_TCP && key.proto != PROTO_UDP && key.proto != PROTO_ICMPV6)
+            key.proto = skip_ipv6_ext(nh, key.proto, &l4off, &frag_id, &frag_offset, &more_frags);
+    } else {
+        goto undecoded;
+    }
+    if (!family_matches(key.family))
         return 0;
-    if ((iph[0] >> 4) != 4)
-        return 0;
-    key.proto = iph[9];
-    if (key.proto != IPPROTO_TCP && key.proto != IPPROTO_UDP && key.proto != IPPROTO_ICMP)
-        return 0;
-    __builtin_memcpy(&key.saddr, &iph[12], 4);
-    __builtin_memcpy(&key.daddr, &iph[16], 4);
-    u16 tot_len = ((u16)iph[2] << 8) | iph[3];
-    if (key.proto != IPPROTO_ICMP) {
+    if (key.proto != PROTO_TCP && key.proto != PROTO_UDP && key.proto != PROTO_ICMP &&
+        key.proto != PROTO_ICMPV6)
+        goto undecoded;
+
+    u8 is_fragment = frag_offset != 0;
+    if (is_fragment) {
+        /* No transport header here: the ports are the first fragment's, when it passed. */
+        struct frag_key fk = {.netns = key.netns, .id = frag_id, .proto = key.proto, .family = key.family};
+        __builtin_memcpy(fk.saddr, key.saddr, 16);
+        __builtin_memcpy(fk.daddr, key.daddr, 16);
+        struct frag_ports *fp = frag_ports_map.lookup(&fk);
+        if (fp) {
+            key.sport = fp->sport;
+            key.dport = fp->dport;
+        }
+    } else if (key.proto == PROTO_TCP || key.proto == PROTO_UDP) {
         u8 ports[4];
-        if (bpf_probe_read_kernel(ports, sizeof(ports), head + nh_off + (iph[0] & 0x0f) * 4))
-            return 0;
+        if (l4off == 20)
+            __builtin_memcpy(ports, &hdr[20], 4);
+        else if (l4off == 40)
+            __builtin_memcpy(ports, &hdr[40], 4);
+        else if (bpf_probe_read_kernel(ports, sizeof(ports), nh + l4off))
+            goto undecoded;
         key.sport = ((u16)ports[0] << 8) | ports[1];
         key.dport = ((u16)ports[2] << 8) | ports[3];
+        if (more_frags) {
+            struct frag_key fk = {.netns = key.netns, .id = frag_id, .proto = key.proto, .family = key.family};
+            __builtin_memcpy(fk.saddr, key.saddr, 16);
+            __builtin_memcpy(fk.daddr, key.daddr, 16);
+            struct frag_ports fp = {.sport = key.sport, .dport = key.dport};
+            frag_ports_map.update(&fk, &fp);
+        }
     }
-    if (!port_matches(key.sport, key.dport) || !host_matches(key.saddr, key.daddr))
+    if (!port_matches(key.sport, key.dport) || !host_matches(key.family, key.saddr, key.daddr))
         return 0;
+    bpf_probe_read_kernel(&key.ifindex, sizeof(key.ifindex), dev + OFF_NETDEV_IFINDEX);
 
-    u64 now = bpf_ktime_get_ns();
-    struct flow_value *fv = flows.lookup(&key);
+    /* Bytes of the IP packet; BIG TCP (tot_len 0) is measured from the skb instead. */
+    u64 bytes = ip_len;
+    if (!bytes) {
+        unsigned char *data = SKB_FIELD(unsigned char *, OFF_SKB_DATA);
+        bytes = SKB_FIELD(u32, OFF_SKB_LEN) - (u32)(nh - data);
+    }
+    u16 gso_segs = 0;
+    bpf_probe_read_kernel(&gso_segs, sizeof(gso_segs),
+                          SKB_FIELD(unsigned char *, OFF_SKB_HEAD) + SKB_FIELD(u32, OFF_SKB_END) + OFF_SHINFO_GSO_SEGS);
+
+    int zero = 0;
+    u32 *ep = control.lookup(&zero);
+    u32 epoch = ep ? (*ep & 1) : 0;
+    struct flow_value *fv = lookup_flow(epoch, &key);
     if (!fv) {
-#ifdef FILTER_PID
-        if ((bpf_get_current_pid_tgid() >> 32) != FILTER_PID)
-            return 0;
-#endif
-        struct flow_value init = {.first_ns = now, .last_ns = now};
-        init.pid = bpf_get_current_pid_tgid() >> 32;
-        bpf_get_current_comm(&init.comm, sizeof(init.comm));
-        void *rt = route_decided(&key, &init) ? 0 : route_of(skb);
-        if (rt) {
-            init.has_route = 1;
-            bpf_probe_read_kernel(&init.route_type, sizeof(init.route_type), rt + OFF_RTABLE_RT_TYPE);
-            void *rdev = read_ptr(rt, OFF_DST_DEV);
-            if (rdev)
-                bpf_probe_read_kernel(&init.route_dev, DEVNAME_LEN, rdev + OFF_NETDEV_NAME);
-        }
-        struct fib_key fk = {.netns = key.netns, .daddr = key.daddr};
-        struct fib_value *fib = fib_answers.lookup(&fk);
-        if (fib) {
-            init.has_fib = 1;
-            init.fib_table = fib->table;
-            __builtin_memcpy(init.fib_dev, fib->dev, DEVNAME_LEN);
-        }
-        int created = flows.insert(&key, &init) == 0;
-        fv = flows.lookup(&key);      /* inserted by us or, racing, by another CPU */
+        fv = create_flow(epoch, &key, dev, SKB_FIELD(void *, OFF_SKB_REFDST), SKB_FIELD(void *, OFF_SKB_SK));
         if (!fv) {
-            count_stat(STAT_FLOW_MAP_FULL);
+#ifdef FILTER_PID
+            if ((bpf_get_current_pid_tgid() >> 32) != FILTER_PID)
+                return 0;             /* not filtered out yet: a flow of another process */
+#endif
+            count_stat(STAT_LOST_PACKETS, 1);
+            count_stat(STAT_LOST_BYTES, bytes);
             return 0;
         }
-        if (created)
-            notify_new_flow(&key, &init, dev, tot_len);
     }
-    fv->last_ns = now;
     __sync_fetch_and_add(&fv->packets, 1);
-    __sync_fetch_and_add(&fv->bytes, tot_len);
+    __sync_fetch_and_add(&fv->bytes, bytes);
+    __sync_fetch_and_add(&fv->segments, gso_segs > 1 ? gso_segs : 1);
+    if (is_fragment)
+        __sync_fetch_and_add(&fv->fragments, 1);
+    return 0;
 
-    struct xmit_key xk = {.flow = key};
-    bpf_probe_read_kernel(&xk.ifindex, sizeof(xk.ifindex), dev + OFF_NETDEV_IFINDEX);
-    struct xmit_value *xv = xmits.lookup(&xk);
-    if (!xv) {
-        struct xmit_value xinit = {};
-        bpf_probe_read_kernel(&xinit.dev, DEVNAME_LEN, dev + OFF_NETDEV_NAME);
-        xmits.insert(&xk, &xinit);
-        xv = xmits.lookup(&xk);
-    }
-    if (xv) {
-        __sync_fetch_and_add(&xv->packets, 1);
-        __sync_fetch_and_add(&xv->bytes, tot_len);
-    } else {
-        count_stat(STAT_XMIT_MAP_FULL);
-    }
+undecoded:
+    count_stat(STAT_UNDECODED, 1);
     return 0;
 }

@@ -7,6 +7,8 @@ import socket
 import struct
 from dataclasses import asdict, dataclass, field, fields
 
+from .sanitize import kernel_string
+
 PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.IPPROTO_ICMP: "icmp"}
 
 # include/uapi/linux/rtnetlink.h
@@ -23,9 +25,6 @@ def ipv4(be_u32: int) -> str:
     return str(ipaddress.IPv4Address(struct.pack("=I", be_u32)))
 
 
-def devname(raw) -> str:
-    data = bytes(raw)
-    return data.split(b"\0", 1)[0].decode("ascii", "replace")
 
 
 @dataclass(frozen=True, order=True)
@@ -89,36 +88,121 @@ class Flow:
         return {f.name: f.type for f in fields(cls) if f.name != "extra"}
 
 
-def decode_flow(key, value, xmit_devs: dict[str, int], backend: str) -> Flow:
-    """Build a Flow from the BPF `flow_key`/`flow_value` structs (any objects with those attributes)."""
-    return Flow(
-        proto=PROTOCOLS.get(key.proto, str(key.proto)),
-        saddr=ipv4(key.saddr), sport=key.sport,
-        daddr=ipv4(key.daddr), dport=key.dport,
-        netns=key.netns,
-        pid=value.pid, comm=devname(value.comm),
-        route_type=route_type_name(value.route_type) if value.has_route else None,
-        route_dev=(devname(value.route_dev) or None) if value.has_route else None,
-        fib_dev=(devname(value.fib_dev) or None) if value.has_fib else None,
-        fib_table=value.fib_table if value.has_fib else None,
-        xmit_devs=dict(xmit_devs),
-        packets=value.packets, bytes=value.bytes,
-        first_ns=value.first_ns, last_ns=value.last_ns,
-        backend=backend,
+# struct flow_key / flow_value / new_flow_event in bpf/common.c, decoded with struct (not ctypes
+# objects): a drain can return tens of thousands of entries.
+KEY_STRUCT = struct.Struct("=II16s16sHHBBH")
+VALUE_STRUCT = struct.Struct("=QQQQQIIIIHBBI16s16s16s16s")
+ROUTE_SOURCES = {0: None, 1: "packet", 2: "socket", 3: "lookup"}
+FLOW_HAS_FIB, FLOW_ROUTE_LOOPBACK, FLOW_DEV_LOOPBACK, FLOW_V4_MAPPED_SOCKET, FLOW_CONTINUED = 1, 2, 4, 8, 16
+PROTOCOLS_BY_FAMILY = {**PROTOCOLS, socket.IPPROTO_ICMPV6: "icmp6"}
+
+
+def address(family: int, raw: bytes) -> str:
+    """An address as the BPF key holds it (16 bytes, IPv4 in the first 4), in RFC 5952 form."""
+    return str(ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw))
+
+
+def decode_entry(key: bytes, value: bytes, backend: str) -> tuple[Flow, bool]:
+    """One kernel entry (a flow on one transmit device) as a Flow with one device, and whether
+    the kernel marked it as continuing from the previous epoch."""
+    netns, ifindex, saddr, daddr, sport, dport, proto, family, _ = KEY_STRUCT.unpack(key)
+    (packets, nbytes, segments, fragments, first_ns, pid, fib_table, route_ifindex, fib_ifindex,
+     route_type, route_src, flags, _, comm, dev, route_dev, fib_dev) = VALUE_STRUCT.unpack(value)
+    has_route = route_src != 0
+    has_fib = bool(flags & FLOW_HAS_FIB)
+    dev_name = kernel_string(dev)
+    flow = Flow(
+        proto=PROTOCOLS_BY_FAMILY.get(proto, str(proto)),
+        saddr=address(family, saddr), sport=sport,
+        daddr=address(family, daddr), dport=dport,
+        netns=netns, pid=pid, comm=kernel_string(comm),
+        route_type=route_type_name(route_type) if has_route else None,
+        route_dev=(kernel_string(route_dev) or None) if has_route else None,
+        fib_dev=(kernel_string(fib_dev) or None) if has_fib else None,
+        fib_table=fib_table if has_fib else None,
+        xmit_devs={dev_name: packets} if packets else {},
+        packets=packets, bytes=nbytes, first_ns=first_ns, last_ns=first_ns, backend=backend,
+        family=family, segments=segments, route_src=ROUTE_SOURCES.get(route_src),
+        route_ifindex=route_ifindex if has_route else None,
+        route_loopback=bool(flags & FLOW_ROUTE_LOOPBACK) if has_route else None,
+        fib_ifindex=fib_ifindex if has_fib else None,
+        devices=[{"ifindex": ifindex, "name": dev_name, "loopback": bool(flags & FLOW_DEV_LOOPBACK),
+                  "packets": packets, "segments": segments, "bytes": nbytes}] if packets else [],
+        fragments=fragments,
     )
+    if flags & FLOW_V4_MAPPED_SOCKET:
+        flow.extra["v4_mapped_socket"] = True
+    return flow, bool(flags & FLOW_CONTINUED)
+
+
+def merge_into(flow: Flow, part: Flow, now_ns: int | None = None) -> None:
+    """Add a drained entry's counts to the flow it belongs to. Devices are told apart by
+    ifindex, never by name: a renamed device stays one, two that held one name stay two."""
+    flow.packets += part.packets
+    flow.bytes += part.bytes
+    flow.segments += part.segments
+    flow.fragments += part.fragments
+    for d in part.devices:
+        for mine in flow.devices:
+            if mine["ifindex"] == d["ifindex"]:
+                for k in ("packets", "segments", "bytes"):
+                    mine[k] += d[k]
+                break
+        else:
+            flow.devices.append(dict(d))
+    flow.xmit_devs = device_packets(flow.devices)
+    if flow.route_type is None and part.route_type is not None:
+        for name in ("route_type", "route_dev", "route_src", "route_ifindex", "route_loopback"):
+            setattr(flow, name, getattr(part, name))
+    if flow.fib_dev is None and part.fib_dev is not None:
+        flow.fib_dev, flow.fib_table, flow.fib_ifindex = part.fib_dev, part.fib_table, part.fib_ifindex
+    if part.packets and now_ns is not None:
+        flow.last_ns = max(flow.last_ns, now_ns)
+
+
+def device_packets(devices: list[dict]) -> dict[str, int]:
+    """{name: packets}; two devices that held one name are summed here (see `devices`)."""
+    out: dict[str, int] = {}
+    for d in devices:
+        out[d["name"]] = out.get(d["name"], 0) + d["packets"]
+    return out
+
+
+def devices_of(flow: Flow) -> list[dict]:
+    """The flow's devices by identity; a recording from before format 1.1 has names only, and
+    there the loopback device is the one named "lo" (the best such a file can tell)."""
+    if flow.devices:
+        return flow.devices
+    return [{"ifindex": None, "name": name, "loopback": name == "lo", "packets": n, "segments": n, "bytes": 0}
+            for name, n in flow.xmit_devs.items()]
 
 
 @dataclass(frozen=True)
 class LossCounters:
-    """Everything the tracer knows it did not see; shown in every summary."""
-    events_dropped: int = 0      # new-flow notices the ring buffer had no room for
-    flow_map_full: int = 0       # packets of flows the flow map could not hold
-    xmit_map_full: int = 0
-    probes_missed: int = 0       # kretprobe misses (kprobe plan)
+    """Everything the tracer knows it did not see, each kind on its own; shown live, in every
+    summary, in --json and in recordings. "lost: nothing" is a measured statement."""
+    events_dropped: int = 0      # new-flow notices the ring buffer had no room for: streamed late, not lost
+    flow_map_full: int = 0       # packets not counted: the flow map was full
+    xmit_map_full: int = 0       # (format 1.0: per-device map full; no longer exists, always 0)
+    probes_missed: int = 0       # route-function answers missed (kretprobe maxactive, recursion)
+    xmit_missed: int = 0         # packets the transmit probe missed (kprobe nmissed, BPF recursion)
+    fib_missed: int = 0          # FIB lookups missed (BPF recursion)
+    flow_map_full_bytes: int = 0
+    undecoded: int = 0           # packets of families/protocols routetrace does not decode (counted, not lost)
+
+    @property
+    def packets_lost(self) -> int:
+        return self.flow_map_full + self.xmit_map_full + self.xmit_missed
 
     @property
     def total(self) -> int:
-        return self.events_dropped + self.flow_map_full + self.xmit_map_full + self.probes_missed
+        """Everything missed; undecoded packets are counted, so they are not in it."""
+        return self.packets_lost + self.events_dropped + self.probes_missed + self.fib_missed
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "total": self.total}
+        return {**asdict(self), "packets_lost": self.packets_lost, "total": self.total}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LossCounters":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -6,10 +6,11 @@ own-address flows were transmitted on, and shows any other flow leaving on its r
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
-from .events import Flow, FlowKey
+from .events import Flow, FlowKey, devices_of, merge_into
 
 LOOPBACK, OWN, OTHER = "loopback", "own-address", "other"
 
@@ -21,20 +22,122 @@ def classify(daddr: str, own_addresses: set[str]) -> str:
     return OWN if daddr in own_addresses else OTHER
 
 
-class FlowTable:
-    """Latest snapshot of every flow, by key. Later snapshots of a flow replace earlier ones,
-    except that counters never go backwards (an evicted-and-recreated map entry restarts at 0)."""
+@dataclass(frozen=True, order=True)
+class AggregateKey:
+    """What a folded flow is remembered by: (namespace, protocol, destination, route type,
+    route device, transmit device by identity)."""
+    netns: int
+    family: int
+    proto: str
+    daddr: str
+    route_type: str
+    route_dev: str
+    dev: str
+    ifindex: int
+    loopback: bool
 
-    def __init__(self):
-        self._flows: dict[FlowKey, Flow] = {}
+
+@dataclass
+class Aggregate:
+    key: AggregateKey
+    flows: int = 0
+    packets: int = 0
+    segments: int = 0
+    bytes: int = 0
+    fib_dev: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"type": "aggregate", **asdict(self.key), "flows": self.flows, "packets": self.packets,
+                "segments": self.segments, "bytes": self.bytes, "fib_dev": self.fib_dev}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Aggregate":
+        key = AggregateKey(**{f: d[f] for f in AggregateKey.__dataclass_fields__})
+        return cls(key, d["flows"], d["packets"], d["segments"], d["bytes"], d.get("fib_dev"))
+
+
+DEFAULT_KEEP_FLOWS = 20000
+
+
+class FlowTable:
+    """The flows of a trace, by key, in a bounded table: past `limit` rows the least recently
+    active flow is folded into an Aggregate (its counts are kept, its row is not). Live drains
+    add counts (`add`); recordings replace snapshots (`update`); both fold the same way."""
+
+    def __init__(self, limit: int | None = DEFAULT_KEEP_FLOWS):
+        self.limit = limit
+        self._flows: OrderedDict[FlowKey, Flow] = OrderedDict()
+        self.aggregates: dict[AggregateKey, Aggregate] = {}
+        self.folded = 0                  # flows folded into aggregates
+        self.seen = 0                    # flows ever in the table
+        self.on_fold = None              # callback(flow): the recorder writes it down
 
     def update(self, flow: Flow) -> bool:
-        """Store a snapshot; True when the flow is new."""
+        """Store a snapshot; True when the flow is new. Counters never go backwards."""
         old = self._flows.get(flow.key)
         if old is not None and flow.packets < old.packets:
             return False
         self._flows[flow.key] = flow
+        self._flows.move_to_end(flow.key)
+        if old is None:
+            self.seen += 1
+            self._fold_overflow()
         return old is None
+
+    def notice(self, flow: Flow) -> bool:
+        """A new-flow notice: True (stream it) when the flow was not known yet."""
+        if flow.key in self._flows:
+            return False
+        return self.update(flow)
+
+    def add(self, part: Flow, continued: bool, now_ns: int) -> Flow | None:
+        """Counts of one drained (flow, device) entry. Returns the flow when it is new to the
+        table (its notice was late or lost: stream it now). A continued entry whose flow was
+        folded adds to its aggregate, not as a new flow."""
+        flow = self._flows.get(part.key)
+        if flow is not None:
+            merge_into(flow, part, now_ns)
+            if part.packets:
+                self._flows.move_to_end(part.key)
+            return None
+        if continued and self.folded:
+            self._fold_counts(part, new_flow=False)
+            return None
+        part.last_ns = max(part.last_ns, now_ns) if part.packets else part.last_ns
+        self.update(part)
+        return part
+
+    def _fold_overflow(self) -> None:
+        while self.limit is not None and len(self._flows) > self.limit:
+            _key, flow = self._flows.popitem(last=False)
+            self._fold_counts(flow, new_flow=True)
+            self.folded += 1
+            if self.on_fold:
+                self.on_fold(flow)
+
+    def _fold_counts(self, flow: Flow, new_flow: bool) -> None:
+        for dev in devices_of(flow) or [{"ifindex": 0, "name": "", "loopback": False, "packets": 0,
+                                         "segments": 0, "bytes": 0}]:
+            key = AggregateKey(flow.netns, flow.family, flow.proto, flow.daddr, flow.route_type or "-",
+                               flow.route_dev or "-", dev["name"], dev["ifindex"] or 0, bool(dev["loopback"]))
+            agg = self.aggregates.get(key)
+            if agg is None:
+                agg = self.aggregates[key] = Aggregate(key, fib_dev=flow.fib_dev)
+            agg.flows += 1 if new_flow else 0
+            agg.packets += dev["packets"]
+            agg.segments += dev["segments"]
+            agg.bytes += dev["bytes"]
+
+    def set_aggregate(self, agg: Aggregate) -> None:
+        self.aggregates[agg.key] = agg
+
+    def drop(self, key: FlowKey) -> None:
+        """A recorded fold: the live table let this flow go (its aggregate records follow)."""
+        if self._flows.pop(key, None) is not None:
+            self.folded += 1
+
+    def get(self, key: FlowKey) -> Flow | None:
+        return self._flows.get(key)
 
     def __iter__(self):
         return iter(sorted(self._flows.values(), key=lambda f: (f.first_ns, f.key)))
@@ -42,9 +145,9 @@ class FlowTable:
     def __len__(self) -> int:
         return len(self._flows)
 
-
-def is_loopback_device(dev: str) -> bool:
-    return dev == "lo"
+    @property
+    def packets(self) -> int:
+        return sum(f.packets for f in self._flows.values()) + sum(a.packets for a in self.aggregates.values())
 
 
 @dataclass
@@ -54,7 +157,18 @@ class DestinationSummary:
     route_types: set[str] = field(default_factory=set)
     route_devs: set[str] = field(default_factory=set)
     fib_devs: set[str] = field(default_factory=set)
-    xmit_devs: dict[str, int] = field(default_factory=dict)
+    xmit_devs: dict[str, int] = field(default_factory=dict)     # by name, for display
+    loopback_packets: int = 0           # decided by IFF_LOOPBACK, not by a device's name
+    other_packets: int = 0
+    other_devs: set[str] = field(default_factory=set)
+
+    def _count(self, name: str, loopback: bool, packets: int) -> None:
+        self.xmit_devs[name] = self.xmit_devs.get(name, 0) + packets
+        if loopback:
+            self.loopback_packets += packets
+        else:
+            self.other_packets += packets
+            self.other_devs.add(name)
 
     def add(self, flow: Flow) -> None:
         if flow.route_type:
@@ -63,12 +177,22 @@ class DestinationSummary:
             self.route_devs.add(flow.route_dev)
         if flow.fib_dev:
             self.fib_devs.add(flow.fib_dev)
-        for dev, n in flow.xmit_devs.items():
-            self.xmit_devs[dev] = self.xmit_devs.get(dev, 0) + n
+        for dev in devices_of(flow):
+            self._count(dev["name"], bool(dev["loopback"]), dev["packets"])
+
+    def add_aggregate(self, agg: "Aggregate") -> None:
+        k = agg.key
+        if k.route_type != "-":
+            self.route_types.add(k.route_type)
+        if k.route_dev != "-":
+            self.route_devs.add(k.route_dev)
+        if agg.fib_dev:
+            self.fib_devs.add(agg.fib_dev)
+        self._count(k.dev, k.loopback, agg.packets)
 
     @property
     def only_loopback(self) -> bool:
-        return bool(self.xmit_devs) and all(is_loopback_device(d) for d in self.xmit_devs)
+        return self.loopback_packets > 0 and self.other_packets == 0
 
 
 @dataclass
@@ -78,12 +202,17 @@ class Verdict:
     destinations: list[DestinationSummary]
 
 
-def verdict(flows: Iterable[Flow], own_addresses: Callable[[int], set[str]]) -> Verdict:
-    """Did 127.0.0.1 flows and own-address flows leave on the same (loopback) device?"""
+def verdict(flows: Iterable[Flow], own_addresses: Callable[[int], set[str]],
+            aggregates: Iterable[Aggregate] = ()) -> Verdict:
+    """Did 127.0.0.1 flows and own-address flows leave on the same (loopback) device? The
+    device is judged by its IFF_LOOPBACK flag: a namespace can rename lo, or call a veth "lo"."""
     dests: dict[tuple[str, str], DestinationSummary] = {}
     for flow in flows:
         kind = classify(flow.daddr, own_addresses(flow.netns))
         dests.setdefault((kind, flow.daddr), DestinationSummary(flow.daddr, kind)).add(flow)
+    for agg in aggregates:
+        kind = classify(agg.key.daddr, own_addresses(agg.key.netns))
+        dests.setdefault((kind, agg.key.daddr), DestinationSummary(agg.key.daddr, kind)).add_aggregate(agg)
     ordered = sorted(dests.values(), key=lambda d: ([LOOPBACK, OWN, OTHER].index(d.kind),
                                                     ipaddress.ip_address(d.daddr)))
     loop = [d for d in ordered if d.kind == LOOPBACK]
@@ -91,13 +220,14 @@ def verdict(flows: Iterable[Flow], own_addresses: Callable[[int], set[str]]) -> 
     wrong = [d for d in loop + own if not d.only_loopback]
     if wrong:
         names = "; ".join(f"{d.daddr} ({d.kind}) sent on " +
-                          (" ".join(f"{dev}:{n}" for dev, n in sorted(d.xmit_devs.items())) or "no device")
+                          (" ".join(f"{dev}:{n}" for dev, n in sorted(d.xmit_devs.items())) or "no device") +
+                          (f" (not loopback: {'/'.join(sorted(d.other_devs))})" if d.other_devs else "")
                           for d in wrong)
         return Verdict(False, f"NOT the same path: {names}", ordered)
     if loop and own:
-        devs = sorted({dev for d in loop + own for dev in d.xmit_devs})
-        return Verdict(True, f"same path: 127.0.0.1-range and own-address flows both left on {'/'.join(devs)}",
-                       ordered)
+        devs = sorted({dev for d in loop + own for dev, n in d.xmit_devs.items() if n})
+        return Verdict(True, f"same path: 127.0.0.1-range and own-address flows both left on "
+                             f"{'/'.join(devs)} (the loopback device)", ordered)
     missing = "loopback-range" if not loop else "own-address"
     if not loop and not own:
         missing = "loopback-range or own-address"

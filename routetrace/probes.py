@@ -25,21 +25,27 @@ KRETPROBE_MAXACTIVE = 256
 @dataclass(frozen=True)
 class Filters:
     port: int | None = None
-    host: str | None = None
+    host: str | None = None            # IPv4 or IPv6
     pid: int | None = None
     netns: int | None = None           # namespace inode
+    family: int | None = None          # 4 or 6 (-4 / -6)
 
     def cflags(self) -> list[str]:
         out = []
         if self.port is not None:
             out.append(f"-DFILTER_PORT={self.port}")
         if self.host is not None:
-            be = struct.unpack("=I", ipaddress.IPv4Address(self.host).packed)[0]
-            out.append(f"-DFILTER_HOST={be}U")
+            # As the BPF key holds it: 16 bytes, IPv4 in the first 4, compared as 4 native words.
+            addr = ipaddress.ip_address(self.host)
+            words = struct.unpack("=4I", addr.packed.ljust(16, b"\0"))
+            out.append(f"-DFILTER_HOST_FAMILY={addr.version}")
+            out += [f"-DFILTER_HOST_W{i}={w}U" for i, w in enumerate(words)]
         if self.pid is not None:
             out.append(f"-DFILTER_PID={self.pid}")
         if self.netns is not None:
             out.append(f"-DFILTER_NETNS={self.netns}U")
+        if self.family is not None:
+            out.append(f"-DFILTER_FAMILY={self.family}")
         return out
 
     def describe(self) -> dict:
@@ -55,8 +61,21 @@ def filters_text(described: dict) -> str:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Sizes of what the kernel keeps; `doctor` and every summary name them."""
+    max_flows: int = 65536         # entries per flow map (two maps alternate, see bpf/common.c)
+    ring_pages: int = 1024         # new-flow notice ring: 4 MiB, ~23,000 notices between reads
+
+    def cflags(self) -> list[str]:
+        return [f"-DMAX_FLOWS={self.max_flows}", f"-DRING_PAGES={self.ring_pages}"]
+
+    def describe(self) -> dict:
+        return {"max_flows": self.max_flows, "ring_pages": self.ring_pages}
+
+
+@dataclass(frozen=True)
 class Attachment:
-    kind: str                 # tracepoint | kprobe | kretprobe
+    kind: str                 # raw_tracepoint | tracepoint | kprobe | kretprobe
     target: str               # "net:net_dev_queue" or a kernel function
     fn: str                   # the BPF function in bpf/*.c
     maxactive: int = 0
@@ -74,15 +93,18 @@ class AttachPlan:
     filters: Filters
     reasons: list[str] = field(default_factory=list)
     extra_cflags: list[str] = field(default_factory=list)
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def cflags(self) -> list[str]:
         # -w: kernel headers of other versions make clang chatter; errors still print.
-        return ["-w", *offset_cflags(self.offsets), *self.filters.cflags(), *self.extra_cflags]
+        return ["-w", *offset_cflags(self.offsets), *self.filters.cflags(), *self.limits.cflags(),
+                *self.extra_cflags]
 
     def describe(self) -> dict:
         return {"backend": self.backend, "attachments": [str(a) for a in self.attachments],
-                "offsets_from": self.offsets[0].source if self.offsets else None}
+                "offsets_from": self.offsets[0].source if self.offsets else None,
+                "limits": self.limits.describe()}
 
     def program_text(self) -> str:
         """The plan's C files as one unit: bcc rewrites map calls (`flows.lookup`) only in its
@@ -96,13 +118,21 @@ class AttachPlan:
         lines += [f"  because {r}" for r in self.reasons]
         lines.append(f"  sources: {', '.join(p.name for p in self.sources)}")
         lines.append(f"  filters: {self.filters.text()}")
+        lines.append(f"  limits: {self.limits.max_flows} flows per map (x2), ring {self.limits.ring_pages} pages")
         lines.append("offsets:")
         lines += [f"  {o.define:<24} {o.path:<34} {o.value:>6}  ({o.source})" for o in self.offsets]
         return "\n".join(lines)
 
 
-FIB_TRACEPOINT = Attachment("tracepoint", "fib:fib_table_lookup", "tracepoint__fib__fib_table_lookup")
-XMIT_TRACEPOINT = Attachment("tracepoint", "net:net_dev_queue", "tracepoint__net__net_dev_queue")
+# Raw tracepoints: the programs get the kernel's own arguments (the skb, the lookup's structs)
+# and skip the regular tracepoints' record copying. bcc attaches them on load.
+FIB_TRACEPOINT = Attachment("raw_tracepoint", "fib_table_lookup", "raw_tracepoint__fib_table_lookup")
+FIB6_TRACEPOINT = Attachment("raw_tracepoint", "fib6_table_lookup", "raw_tracepoint__fib6_table_lookup")
+XMIT_TRACEPOINT = Attachment("raw_tracepoint", "net_dev_queue", "raw_tracepoint__net_dev_queue")
+
+
+def _has_fib6(facts: KernelFacts) -> bool:
+    return bool(facts.tracefs and (facts.tracefs / "events" / "fib6" / "fib6_table_lookup" / "format").exists())
 
 
 def _kprobe_problem(facts: KernelFacts) -> str | None:
@@ -116,7 +146,7 @@ def _kprobe_problem(facts: KernelFacts) -> str | None:
     return None
 
 
-def choose(facts: KernelFacts, filters: Filters, backend: str = "auto") -> AttachPlan:
+def choose(facts: KernelFacts, filters: Filters, backend: str = "auto", limits: Limits | None = None) -> AttachPlan:
     if backend not in BACKENDS:
         raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     reasons = []
@@ -145,7 +175,14 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto") -> Attac
     where = ("offsetof() over those headers" if offsets[0].source == "headers"
              else "struct offsets from BTF (/sys/kernel/btf/vmlinux)")
     reasons.append(f"{compiled_with}; {where}" + (f" (ROUTETRACE_OFFSETS={prefer})" if prefer != "auto" else ""))
-    fib_flags = ["-DFIB_NAME_DATA_LOC=1"] if facts.fib_name_data_loc else []
+    fib = [FIB_TRACEPOINT]
+    fib_flags = []
+    if _has_fib6(facts):
+        fib.append(FIB6_TRACEPOINT)
+        fib_flags.append("-DHAVE_FIB6=1")
+    else:
+        reasons.append("no fib6:fib6_table_lookup tracepoint (kernel without IPv6?): IPv6 flows have no FIB column")
+    limits = limits or Limits()
     if use_kprobes:
         xmit = facts.xmit_function
         reasons.append(f"transmit probe on {xmit}" + (" (dev_queue_xmit is an inline wrapper here)"
@@ -154,9 +191,9 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto") -> Attac
             Attachment("kprobe", ROUTE_FUNCTION, "route_entry"),
             Attachment("kretprobe", ROUTE_FUNCTION, "route_return", KRETPROBE_MAXACTIVE),
             Attachment("kprobe", xmit, "xmit_entry"),
-            FIB_TRACEPOINT,
+            *fib,
         ]
         return AttachPlan("kprobe", [BPF_DIR / "common.c", BPF_DIR / "fib.c", BPF_DIR / "kprobe.c"],
-                          attachments, offsets, filters, reasons, ["-DROUTE_DECISIONS=1", *fib_flags])
+                          attachments, offsets, filters, reasons, ["-DROUTE_DECISIONS=1", *fib_flags], limits)
     return AttachPlan("tracepoint", [BPF_DIR / "common.c", BPF_DIR / "fib.c", BPF_DIR / "tracepoint.c"],
-                      [FIB_TRACEPOINT, XMIT_TRACEPOINT], offsets, filters, reasons, fib_flags)
+                      [*fib, XMIT_TRACEPOINT], offsets, filters, reasons, ["-DRAW_XMIT=1", *fib_flags], limits)

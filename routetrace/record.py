@@ -23,11 +23,12 @@ from typing import Iterable
 
 from . import __version__
 from .errors import TraceFileError
-from .events import Flow, LossCounters
-from .flows import FlowTable
+from .events import Flow, FlowKey, LossCounters
+from .flows import Aggregate, FlowTable
 
 FORMAT = "routetrace-trace"
 VERSION = 1
+MINOR = 1        # 1.1: IPv6, device identity, exact accounting (fields added; records "fold", "aggregate", "loss")
 
 
 def _now_iso() -> str:
@@ -55,34 +56,41 @@ class TraceWriter:
             os.close(fd)
             raise
         self._fh = os.fdopen(fd, "w", encoding="utf-8")
-        self._flows = 0
-        self._seen: dict = {}
+        self.error: str | None = None
 
     def write(self, obj: dict) -> None:
         self._fh.write(json.dumps(obj, separators=(",", ":")) + "\n")
 
-    def header(self, *, kernel: str, plan: dict, filters: dict, start_ns: int) -> None:
-        self.write({"type": "header", "format": FORMAT, "version": VERSION, "tool_version": __version__,
-                    "kernel": kernel, "hostname": socket.gethostname(), "plan": plan, "filters": filters,
-                    "start_time": _now_iso(), "start_ns": start_ns, "clock_offset_ns": time.time_ns() - start_ns})
+    def header(self, *, kernel: str, plan: dict, filters: dict, start_ns: int, **extra) -> None:
+        self.write({"type": "header", "format": FORMAT, "version": VERSION, "minor": MINOR,
+                    "tool_version": __version__, "kernel": kernel, "hostname": socket.gethostname(),
+                    "plan": plan, "filters": filters, "start_time": _now_iso(), "start_ns": start_ns,
+                    "clock_offset_ns": time.time_ns() - start_ns, **extra})
         self.flush()
 
     def netns(self, inode: int, name: str | None, addresses: Iterable[str]) -> None:
         self.write({"type": "netns", "netns": inode, "name": name, "addresses": sorted(addresses)})
 
     def flows(self, flows: Iterable[Flow]) -> None:
-        """Write the flows that changed since they were last written."""
+        """Snapshots of flows that changed (the session keeps track of which)."""
         for flow in flows:
-            state = (flow.packets, tuple(sorted(flow.xmit_devs.items())))
-            if self._seen.get(flow.key) != state:
-                if flow.key not in self._seen:
-                    self._flows += 1
-                self._seen[flow.key] = state
-                self.write(flow.to_dict())
+            self.write(flow.to_dict())
 
-    def trailer(self, losses: LossCounters) -> None:
+    def fold(self, key) -> None:
+        """The live table let this flow go: its counts continue in aggregate records."""
+        self.write({"type": "fold", "netns": key.netns, "proto": key.proto, "saddr": key.saddr,
+                    "sport": key.sport, "daddr": key.daddr, "dport": key.dport})
+
+    def aggregates(self, aggregates) -> None:
+        for agg in aggregates:
+            self.write(agg.to_dict())
+
+    def loss(self, losses: LossCounters) -> None:
+        self.write({"type": "loss", "lost": losses.to_dict()})
+
+    def trailer(self, losses: LossCounters, flows: int = 0, folded: int = 0) -> None:
         self.write({"type": "trailer", "end_time": _now_iso(), "lost": losses.to_dict(),
-                    "flows": self._flows})
+                    "flows": flows, "folded": folded})
         self.flush()
 
     def flush(self) -> None:
@@ -105,6 +113,7 @@ class Trace:
     addresses: dict[int, set[str]] = field(default_factory=dict)
     trailer: dict | None = None
     torn_last_line: bool = False
+    table: FlowTable | None = None
 
     @property
     def complete(self) -> bool:
@@ -114,7 +123,7 @@ class Trace:
     def losses(self) -> LossCounters | None:
         if self.trailer is None:
             return None
-        return LossCounters(**{k: v for k, v in self.trailer["lost"].items() if k != "total"})
+        return LossCounters.from_dict(self.trailer["lost"])
 
     def own_addresses(self, netns: int) -> set[str]:
         return self.addresses.get(netns, set())
@@ -187,7 +196,7 @@ def read_trace(path: str | os.PathLike) -> Trace:
     if not lines:
         raise TraceFileError(f"{path}: empty file, not a routetrace trace")
 
-    table, addresses, header, trailer = FlowTable(), {}, None, None
+    table, addresses, header, trailer = FlowTable(limit=None), {}, None, None
     for number, line in enumerate(lines, start=1):
         where = f"{path}:{number}"
         try:
@@ -218,9 +227,21 @@ def read_trace(path: str | os.PathLike) -> Trace:
             addresses[inode] = set(addrs)
         elif kind == "trailer":
             lost = obj.get("lost")
-            _check(isinstance(lost, dict) and all(isinstance(lost.get(k), int) for k in LossCounters().__dict__),
+            _check(isinstance(lost, dict) and all(isinstance(lost.get(k, 0), int) for k in LossCounters().__dict__),
                    where, "trailer needs integer loss counters")
             trailer = obj
+        elif kind == "fold":
+            try:
+                table.drop(FlowKey(obj["netns"], obj["proto"], obj["saddr"], obj["sport"], obj["daddr"], obj["dport"]))
+            except (KeyError, TypeError):
+                raise TraceFileError(f"{where}: fold record needs the flow's key") from None
+        elif kind == "aggregate":
+            try:
+                table.set_aggregate(Aggregate.from_dict(obj))
+            except (KeyError, TypeError):
+                raise TraceFileError(f"{where}: aggregate record is missing fields") from None
+        elif kind == "loss":
+            pass
         else:
             raise TraceFileError(f"{where}: unknown record type {kind!r}")
-    return Trace(header, list(table), addresses, trailer, torn)
+    return Trace(header, list(table), addresses, trailer, torn, table)

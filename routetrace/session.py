@@ -1,5 +1,11 @@
-"""The live session, one for every command (watch, prove, bench --trace): attach, drain the
-kernel's maps, expire and aggregate flows, record. What bench measures is what users run."""
+"""The live session, one for every command (watch, prove, bench --trace): attach, stream new
+flows, drain the kernel's counts, fold past the table's limit, record. What bench measures is
+what users run.
+
+Time: counts reach user space when a flow map is drained -- every DRAIN_INTERVAL_S, or sooner
+when the map in use is half full. New flows are streamed from the notice ring as they appear,
+or, when a notice was lost, from the drain that finds them: every flow is streamed once.
+"""
 from __future__ import annotations
 
 import os
@@ -9,12 +15,13 @@ from typing import Callable
 
 from . import netns
 from .events import Flow, LossCounters
-from .flows import FlowTable, Verdict, verdict
+from .flows import DEFAULT_KEEP_FLOWS, FlowTable, Verdict, verdict
 from .probes import AttachPlan
 from .record import TraceWriter
 from .tracer import Tracer
 
 RECORD_INTERVAL_S = 1.0
+DRAIN_INTERVAL_S = 1.0
 
 
 class OwnAddresses:
@@ -39,67 +46,152 @@ class TraceResult:
     verdict: Verdict
     losses: LossCounters
     own: OwnAddresses = field(repr=False, default_factory=OwnAddresses)
+    table: FlowTable | None = field(repr=False, default=None)
+    recording_error: str | None = None
 
 
 class Session:
     """A tracer plus what it has seen so far, optionally recorded to a file as it goes."""
 
     def __init__(self, plan: AttachPlan, headers_path, recorder: TraceWriter | None = None,
-                 kernel_release: str = ""):
+                 kernel_release: str = "", keep_flows: int | None = DEFAULT_KEEP_FLOWS):
         self.plan, self.headers_path, self.recorder = plan, headers_path, recorder
         self.kernel_release = kernel_release or os.uname().release
-        self.table = FlowTable()
+        self.table = FlowTable(keep_flows)
+        self.table.on_fold = self._folded
         self.own = OwnAddresses(self._learned if recorder else None)
         self._tracer: Tracer | None = None
         self._last_record = 0.0
+        self._last_drain = 0.0
+        self._dirty: dict = {}
+        self._dirty_aggregates: set = set()
+        self._losses = LossCounters()
+        self.on_loss: Callable[[LossCounters], None] | None = None
+
+    # ---- recording ------------------------------------------------------------------------
 
     def _learned(self, inode: int, addresses: set[str]) -> None:
         self.recorder.netns(inode, netns.name_of(inode), addresses)
+
+    def _folded(self, flow: Flow) -> None:
+        self._dirty.pop(flow.key, None)
+        if self.recorder:
+            self.recorder.flows([flow])           # its last counts, then it leaves the table
+            self.recorder.fold(flow.key)
+
+    def _record(self, force: bool = False) -> None:
+        if not self.recorder or not (force or time.monotonic() - self._last_record >= RECORD_INTERVAL_S):
+            return
+        self.recorder.flows(list(self._dirty.values()))
+        self._dirty.clear()
+        if self._dirty_aggregates:
+            self.recorder.aggregates([self.table.aggregates[k] for k in self._dirty_aggregates])
+            self._dirty_aggregates.clear()
+        self.recorder.flush()
+        self._last_record = time.monotonic()
+
+    # ---- lifecycle ------------------------------------------------------------------------
 
     def __enter__(self) -> "Session":
         self._tracer = Tracer(self.plan, self.headers_path).__enter__()
         if self.recorder:
             self.recorder.header(kernel=self.kernel_release, plan=self.plan.describe(),
-                                 filters=self.plan.filters.describe(), start_ns=time.monotonic_ns())
-            self._last_record = time.monotonic()
+                                 filters=self.plan.filters.describe(), start_ns=time.monotonic_ns(),
+                                 keep_flows=self.table.limit)
+        self._last_record = self._last_drain = time.monotonic()
         return self
 
     def __exit__(self, *exc) -> None:
         try:
             if self.recorder:
-                self.recorder.flush()
                 self.recorder.close()
         finally:
             self._tracer.__exit__(*exc)
 
-    def pump(self, timeout_ms: int) -> list[Flow]:
-        """Wait up to timeout_ms for new flows; returns them. Records changes once a second."""
-        new = [f for f in self._tracer.poll(timeout_ms) if self.table.update(f)]
+    def set_attached(self, attached: bool) -> None:
+        """Probes off and on without unloading (bench's untraced slices)."""
+        self._tracer.set_attached(attached)
+
+    def program_stats(self):
+        return self._tracer.program_stats()
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def _take_notices(self, timeout_ms: int) -> list[Flow]:
+        new = [f for f in self._tracer.poll(timeout_ms) if self.table.notice(f)]
         for flow in new:
-            self.own(flow.netns)
-        if self.recorder:
-            self.recorder.flows(new)
-            if time.monotonic() - self._last_record >= RECORD_INTERVAL_S:
-                self._refresh()
-                self.recorder.flush()
-                self._last_record = time.monotonic()
+            self._dirty[flow.key] = flow
         return new
 
-    def _refresh(self) -> None:
-        current = self._tracer.snapshot()
-        for flow in current:
-            self.table.update(flow)
-        if self.recorder:
-            self.recorder.flows(current)      # it writes only the flows that changed
+    def _take_counts(self, final: bool = False) -> list[Flow]:
+        now = time.monotonic_ns()
+        new = []
+        before = len(self.table.aggregates), self.table.folded
+        for part, continued in self._tracer.drain(final=final):
+            flow = self.table.add(part, continued, now)
+            if flow is not None:
+                new.append(flow)
+            current = self.table.get(part.key)
+            if current is not None:
+                self._dirty[part.key] = current
+            elif self.recorder:
+                self._dirty_aggregates.update(self._aggregate_keys(part))
+        if self.recorder and (len(self.table.aggregates), self.table.folded) != before:
+            self._dirty_aggregates.update(self.table.aggregates)
+        self._last_drain = time.monotonic()
+        return new
 
-    def finish(self) -> TraceResult:
-        """Collect the last notices and counters; the trailer closes the recording."""
-        for flow in self._tracer.poll(0):
-            self.table.update(flow)
-        self._refresh()
+    def _aggregate_keys(self, part: Flow):
+        return [k for k in self.table.aggregates if k.netns == part.netns and k.daddr == part.daddr
+                and k.proto == part.proto]
+
+    def pump(self, timeout_ms: int) -> list[Flow]:
+        """Wait up to timeout_ms for new flows; returns those to stream. Drains the kernel's
+        counts when due, reports loss when it grows, records once a second."""
+        new = self._take_notices(timeout_ms)
+        due = time.monotonic() - self._last_drain >= DRAIN_INTERVAL_S
+        if due or self._tracer.created_since_drain() >= self.plan.limits.max_flows // 2:
+            new += self._take_notices(0)
+            new += self._take_counts()
+            self._check_losses()
+        for flow in new:
+            self.own(flow.netns)
+        self._record()
+        return new
+
+    def _check_losses(self) -> None:
         losses = self._tracer.losses()
+        if losses != self._losses:
+            grew = losses.total > self._losses.total or losses.undecoded != self._losses.undecoded
+            self._losses = losses
+            if grew and self.on_loss and losses.total:
+                self.on_loss(losses)
+            if self.recorder and losses.total:
+                self.recorder.loss(losses)
+
+    def losses(self) -> LossCounters:
+        return self._losses
+
+    def finish(self) -> tuple[TraceResult, list[Flow]]:
+        """Collect the last notices and counts; the trailer closes the recording. Returns the
+        result and the flows first seen now (to stream before the summary)."""
+        new = self._take_notices(0)
+        new += self._take_counts(final=True)
+        new += self._take_notices(0)
+        for flow in new:
+            self.own(flow.netns)
+        losses = self._tracer.losses()
+        self._losses = losses
         flows = list(self.table)
-        result = TraceResult(flows, verdict(flows, self.own), losses, self.own)
+        result = TraceResult(flows, verdict(flows, self.own, self.table.aggregates.values()), losses,
+                             self.own, self.table)
         if self.recorder:
-            self.recorder.trailer(losses)
-        return result
+            self._record(force=True)
+            self.recorder.trailer(losses, flows=self.table.seen, folded=self.table.folded)
+            result.recording_error = self.recorder.error
+        return result, new
+
+    # ---- what a metrics endpoint reads ----------------------------------------------------
+
+    def loss_totals(self) -> dict[str, int]:
+        return {k: v for k, v in self._losses.to_dict().items() if isinstance(v, int)}

@@ -1,17 +1,33 @@
-"""The only module that imports bcc. Loads an attach plan, turns what the kernel aggregated into
-typed records, and detaches on exit. Everything downstream sees Flow and LossCounters only."""
+"""The only module that imports bcc. Loads an attach plan, turns what the kernel counted into
+typed records, and detaches on exit. Everything downstream sees Flow and LossCounters only.
+
+Counting follows bpf/common.c: two flow maps alternate by epoch. `drain()` empties the map not
+in use (lookup-and-delete in batches), then flips the epoch; the map just retired keeps taking
+the increments of programs already running, and is drained one interval later.
+"""
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
-from collections import defaultdict
+import platform
+import struct
+from dataclasses import dataclass
 
 from .errors import EnvironmentProblem
-from .events import Flow, LossCounters, decode_flow
+from .events import KEY_STRUCT, VALUE_STRUCT, Flow, LossCounters, decode_entry
 from .probes import AttachPlan
 
 BCC_MISSING = ("bcc (python3-bpfcc) is not importable from this Python: run scripts/setup, or "
                "apt install python3-bpfcc and use a venv made with /usr/bin/python3 --system-site-packages")
+
+# bpf(2): BPF_OBJ_GET_INFO_BY_FD and the stable (append-only) layout of struct bpf_prog_info.
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
+_BPF_OBJ_GET_INFO_BY_FD = 15
+_PROG_INFO_SIZE = 256
+_RUN_TIME_NS, _RUN_CNT, _RECURSION_MISSES = 192, 200, 208
+
+STAT_EVENTS_DROPPED, STAT_LOST_PACKETS, STAT_LOST_BYTES, STAT_UNDECODED, STAT_CREATED_0, STAT_CREATED_1 = range(6)
 
 
 def import_bcc():
@@ -20,6 +36,37 @@ def import_bcc():
     except ImportError:
         raise EnvironmentProblem(BCC_MISSING) from None
     return bcc
+
+
+@dataclass(frozen=True)
+class ProgramStats:
+    """The kernel's own accounting of one BPF program (kernel.bpf_stats_enabled=1 for time)."""
+    name: str
+    run_time_ns: int
+    run_cnt: int
+    recursion_misses: int | None      # None: the kernel does not report it (before 5.12)
+
+    @property
+    def ns_per_run(self) -> float | None:
+        return self.run_time_ns / self.run_cnt if self.run_cnt else None
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
+
+
+def program_info(fd: int) -> tuple[int, int, int | None]:
+    if _SYS_BPF is None:
+        return 0, 0, None
+    buf = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    attr = _InfoAttr(fd, _PROG_INFO_SIZE, ctypes.addressof(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_SYS_BPF, _BPF_OBJ_GET_INFO_BY_FD, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        return 0, 0, None
+    raw = buf.raw
+    run_time, run_cnt = struct.unpack_from("=QQ", raw, _RUN_TIME_NS)
+    misses = struct.unpack_from("=Q", raw, _RECURSION_MISSES)[0] if attr.info_len >= _RECURSION_MISSES + 8 else None
+    return run_time, run_cnt, misses
 
 
 class Tracer:
@@ -33,6 +80,9 @@ class Tracer:
         self.headers_path = headers_path
         self._bpf = None
         self._pending: list[Flow] = []
+        self._epoch = 0
+        self._created_base = [0, 0]
+        self._buffers = None
 
     def __enter__(self) -> "Tracer":
         bcc = import_bcc()
@@ -41,9 +91,9 @@ class Tracer:
             os.environ["BCC_KERNEL_SOURCE"] = str(self.headers_path)
         try:
             self._bpf = bcc.BPF(text=self.plan.program_text().encode(), cflags=self.plan.cflags)
-            # TRACEPOINT_PROBE functions attach themselves on load; the rest by the plan.
+            # (RAW_)TRACEPOINT_PROBE functions attach themselves on load; the rest by the plan.
             for a in self.plan.attachments:
-                if a.kind != "tracepoint":
+                if a.kind in ("kprobe", "kretprobe"):
                     if self.attach:
                         self._attach(a)
                     else:
@@ -53,15 +103,8 @@ class Tracer:
                 self._bpf.cleanup()
                 self._bpf = None
             raise EnvironmentProblem(f"could not load the {self.plan.backend} BPF program: {exc}") from None
-        flows = self._bpf[b"flows"]
-
-        class NewFlowEvent(ctypes.Structure):   # struct new_flow_event in bpf/common.c
-            _pack_ = 1                           # as bcc's own generated types: padding is explicit
-            _fields_ = [("key", flows.Key), ("pad", ctypes.c_uint32), ("value", flows.Leaf),
-                        ("xmit_dev", ctypes.c_char * 16)]
-
-        self._event_type = NewFlowEvent
-        self._bpf[b"new_flows"].open_ring_buffer(self._on_new_flow)
+        if b"new_flows" in self._bpf:
+            self._bpf[b"new_flows"].open_ring_buffer(self._on_new_flow)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -70,7 +113,9 @@ class Tracer:
             self._bpf = None
 
     def _attach(self, a) -> None:
-        if a.kind == "tracepoint":
+        if a.kind == "raw_tracepoint":
+            self._bpf.attach_raw_tracepoint(tp=a.target.encode(), fn_name=a.fn.encode())
+        elif a.kind == "tracepoint":
             self._bpf.attach_tracepoint(tp=a.target.encode(), fn_name=a.fn.encode())
         elif a.kind == "kprobe":
             self._bpf.attach_kprobe(event=a.target.encode(), fn_name=a.fn.encode())
@@ -79,7 +124,9 @@ class Tracer:
                                        maxactive=a.maxactive)
 
     def _detach(self, a) -> None:
-        if a.kind == "tracepoint":
+        if a.kind == "raw_tracepoint":
+            self._bpf.detach_raw_tracepoint(tp=a.target.encode())
+        elif a.kind == "tracepoint":
             self._bpf.detach_tracepoint(tp=a.target.encode())
         elif a.kind == "kprobe":
             self._bpf.detach_kprobe(event=a.target.encode())
@@ -91,54 +138,144 @@ class Tracer:
         for a in self.plan.attachments:
             (self._attach if attached else self._detach)(a)
 
-    def _on_new_flow(self, _ctx, data, _size) -> None:
-        ev = ctypes.cast(data, ctypes.POINTER(self._event_type)).contents
-        first_dev = ev.xmit_dev.decode("ascii", "replace")
-        # The notice carries the first packet's device; its counts follow in snapshot().
-        self._pending.append(decode_flow(ev.key, ev.value, {first_dev: 1} if first_dev else {},
-                                         self.plan.backend))
+    # ---- new flows, promptly ---------------------------------------------------------------
+
+    def _on_new_flow(self, _ctx, data, size) -> None:
+        raw = ctypes.string_at(data, size)
+        flow, _continued = decode_entry(raw[:KEY_STRUCT.size], raw[KEY_STRUCT.size:KEY_STRUCT.size + VALUE_STRUCT.size],
+                                        self.plan.backend)
+        self._pending.append(flow)
 
     def poll(self, timeout_ms: int = 200) -> list[Flow]:
-        """New flows since the last call (their first packet already counted)."""
+        """Notices of new flows since the last call (no counts: those come from drain())."""
         self._bpf.ring_buffer_poll(timeout_ms)
         out, self._pending = self._pending, []
         return out
 
-    def snapshot(self) -> list[Flow]:
-        """Every flow in the kernel's map, with per-device transmit counts."""
-        per_flow: dict[bytes, dict[str, int]] = defaultdict(dict)
-        for xk, xv in self._bpf[b"xmits"].items():
-            devs = per_flow[bytes(xk.flow)]
-            name = xv.dev.decode("ascii", "replace")
-            devs[name] = devs.get(name, 0) + xv.packets
-        return [decode_flow(k, v, per_flow.get(bytes(k), {}), self.plan.backend)
-                for k, v in self._bpf[b"flows"].items()]
+    # ---- counts, exactly -------------------------------------------------------------------
+
+    def _stat(self, index: int) -> int:
+        stats = self._bpf[b"stats"]
+        return int(sum(stats[stats.Key(index)]))
+
+    def created_since_drain(self) -> int:
+        """Entries made in the map in use since it was last drained: a drain is due before it fills."""
+        index = STAT_CREATED_1 if self._epoch else STAT_CREATED_0
+        return self._stat(index) - self._created_base[self._epoch]
+
+    def _drain_map(self, table) -> list[tuple[bytes, bytes]]:
+        from bcc.libbcc import lib
+        ksize, vsize = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
+        if (ksize, vsize) != (KEY_STRUCT.size, VALUE_STRUCT.size):
+            raise EnvironmentProblem(f"flow map entry is {ksize}+{vsize} bytes, expected "
+                                     f"{KEY_STRUCT.size}+{VALUE_STRUCT.size}: bpf/common.c and events.py disagree")
+        if self._buffers is None:
+            n = table.max_entries
+            self._buffers = (n, ctypes.create_string_buffer(n * ksize), ctypes.create_string_buffer(n * vsize))
+        n, keys, values = self._buffers
+        out_batch, count = ctypes.c_uint32(0), ctypes.c_uint32(0)
+        in_batch = ctypes.c_uint32(0)
+        total = 0
+        while total < n:
+            count.value = n - total
+            res = lib.bpf_lookup_and_delete_batch(
+                table.map_fd, ctypes.byref(in_batch) if total else None, ctypes.byref(out_batch),
+                ctypes.byref(keys, ksize * total), ctypes.byref(values, vsize * total), ctypes.byref(count))
+            # ENOENT: the walk reached the end (count says how many came with it).
+            err = ctypes.get_errno()
+            total += count.value
+            if res != 0:
+                if err == errno.ENOENT:
+                    break
+                raise EnvironmentProblem(f"draining the flow map failed: {os.strerror(err)} "
+                                         "(batch map operations need Linux 5.6 or later)")
+            in_batch.value = out_batch.value
+        kraw, vraw = keys.raw, values.raw
+        return [(kraw[i * ksize:(i + 1) * ksize], vraw[i * vsize:(i + 1) * vsize]) for i in range(total)]
+
+    def drain(self, final: bool = False) -> list[tuple[Flow, bool]]:
+        """Counts since the last drain, per (flow, device) entry, with the kernel's "continued"
+        mark. Empties the map not in use, then flips to it. final=True also empties the other
+        one (after a short grace for programs still running): nothing counted stays behind."""
+        import time
+        parts = self._drain_one(1 - self._epoch)
+        self._flip()
+        if final:
+            time.sleep(0.05)             # programs run for nanoseconds, preemption off
+            parts += self._drain_one(1 - self._epoch)
+        return parts
+
+    def _drain_one(self, epoch: int) -> list[tuple[Flow, bool]]:
+        table = self._bpf[b"flows1" if epoch else b"flows0"]
+        entries = self._drain_map(table)
+        # Everything made in that map until now is gone with the drain.
+        self._created_base[epoch] = self._stat(STAT_CREATED_1 if epoch else STAT_CREATED_0)
+        return [decode_entry(k, v, self.plan.backend) for k, v in entries]
+
+    def _flip(self) -> None:
+        control = self._bpf[b"control"]
+        self._epoch = 1 - self._epoch
+        control[control.Key(0)] = control.Leaf(self._epoch)
+
+    # ---- what was missed ---------------------------------------------------------------------
 
     def losses(self) -> LossCounters:
-        stats = self._bpf[b"stats"]
-        values = [stats[stats.Key(i)].value for i in range(3)]
-        return LossCounters(events_dropped=values[0], flow_map_full=values[1], xmit_map_full=values[2],
-                            probes_missed=self._kprobe_misses())
+        stats = {name: 0 for name in ("xmit", "route", "fib")}
+        for p in self.program_stats():
+            if p.recursion_misses:
+                stats[_program_role(p.name)] += p.recursion_misses
+        missed = self._kprobe_misses()
+        return LossCounters(
+            events_dropped=self._stat(STAT_EVENTS_DROPPED),
+            flow_map_full=self._stat(STAT_LOST_PACKETS),
+            flow_map_full_bytes=self._stat(STAT_LOST_BYTES),
+            undecoded=self._stat(STAT_UNDECODED),
+            probes_missed=missed["route"] + stats["route"],
+            xmit_missed=missed["xmit"] + stats["xmit"],
+            fib_missed=stats["fib"],
+        )
 
-    def _kprobe_misses(self) -> int:
-        """kretprobe instances that were not available (nmissed), from tracefs' kprobe_profile.
-        bcc names its probe events "..._bcc_<pid>"."""
+    def program_stats(self) -> list[ProgramStats]:
+        out = []
+        for a in self.plan.attachments:
+            fn = self._bpf.funcs.get(a.fn.encode()) if self._bpf else None
+            if fn is None:
+                continue
+            run_time, run_cnt, misses = program_info(fn.fd)
+            out.append(ProgramStats(a.fn, run_time, run_cnt, misses))
+        return out
+
+    def _kprobe_misses(self) -> dict[str, int]:
+        """kprobe/kretprobe instances that did not run (nmissed), from tracefs' kprobe_profile."""
         if not any(a.kind in ("kprobe", "kretprobe") for a in self.plan.attachments):
-            return 0
+            return {"xmit": 0, "route": 0}
         from .kernel import find_tracefs
         tracefs = find_tracefs()
         try:
             text = (tracefs / "kprobe_profile").read_text() if tracefs else ""
         except OSError:
-            return 0
-        return missed_from_profile(text, os.getpid())
+            text = ""
+        xmit = {a.target for a in self.plan.attachments if a.fn == "xmit_entry"}
+        return missed_by_role(text, os.getpid(), xmit)
 
 
-def missed_from_profile(text: str, pid: int) -> int:
+def _program_role(fn: str) -> str:
+    if "fib" in fn:
+        return "fib"
+    return "route" if fn.startswith("route_") else "xmit"
+
+
+def missed_by_role(text: str, pid: int, xmit_functions: set[str]) -> dict[str, int]:
+    """bcc names its probe events "p_<function>_bcc_<pid>" / "r_<function>_bcc_<pid>"."""
     tag = f"_bcc_{pid}"
-    total = 0
+    out = {"xmit": 0, "route": 0}
     for line in text.splitlines():
         parts = line.split()
         if len(parts) >= 3 and parts[0].endswith(tag) and parts[-1].isdigit():
-            total += int(parts[-1])
-    return total
+            function = parts[0][2:-len(tag)]
+            out["xmit" if function in xmit_functions else "route"] += int(parts[-1])
+    return out
+
+
+def missed_from_profile(text: str, pid: int) -> int:
+    return sum(missed_by_role(text, pid, set()).values())
