@@ -195,8 +195,8 @@ def report(trace_file):
     if not trace.complete:
         click.echo(f"incomplete: no trailer, the recording was cut off; {len(trace.flows)} flows recorded until then"
                    + (" (a torn last line was dropped)" if trace.torn_last_line else ""))
-    click.echo(summary_text(trace.flows, verdict(trace.flows, trace.own_addresses), trace.losses,
-                            trace.own_addresses))
+    click.echo(summary_text(trace.flows, verdict(trace.flows, trace.own_addresses, trace.table.aggregates.values()),
+                            trace.losses, trace.own_addresses, trace.table))
 
 
 @cli.command()

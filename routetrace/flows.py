@@ -214,7 +214,8 @@ def verdict(flows: Iterable[Flow], own_addresses: Callable[[int], set[str]],
         kind = classify(agg.key.daddr, own_addresses(agg.key.netns))
         dests.setdefault((kind, agg.key.daddr), DestinationSummary(agg.key.daddr, kind)).add_aggregate(agg)
     ordered = sorted(dests.values(), key=lambda d: ([LOOPBACK, OWN, OTHER].index(d.kind),
-                                                    ipaddress.ip_address(d.daddr)))
+                                                    ipaddress.ip_address(d.daddr).version,
+                                                    ipaddress.ip_address(d.daddr).packed))
     loop = [d for d in ordered if d.kind == LOOPBACK]
     own = [d for d in ordered if d.kind == OWN]
     wrong = [d for d in loop + own if not d.only_loopback]

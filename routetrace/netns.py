@@ -63,21 +63,23 @@ def _pid_in(inode: int) -> int | None:
 
 
 def addresses(inode: int) -> set[str]:
-    """Every IPv4 address configured in that namespace; empty when it cannot be entered."""
+    """Every IPv4 and IPv6 address configured in that namespace (link-local ones too: the
+    kernel's flows carry no scope, so they are kept without it); empty when it cannot be entered."""
     if inode == current_inode():
-        data = _ip_json(["-4", "addr", "show"])
+        data = _ip_json(["addr", "show"])
     elif (name := name_of(inode)) is not None:
-        data = _ip_json(["-n", name, "-4", "addr", "show"])
+        data = _ip_json(["-n", name, "addr", "show"])
     elif (pid := _pid_in(inode)) is not None:
         try:
-            out = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-j", "-4", "addr", "show"],
+            out = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-j", "addr", "show"],
                                  capture_output=True, text=True, check=False, timeout=10)
             data = json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else []
         except (OSError, ValueError):
             data = []
     else:
         data = []
-    return {a["local"] for link in data for a in link.get("addr_info", []) if a.get("family") == "inet"}
+    return {a["local"] for link in data for a in link.get("addr_info", [])
+            if a.get("family") in ("inet", "inet6") and "local" in a}
 
 
 def inode_of(name: str | None) -> int:
@@ -89,4 +91,5 @@ def own_ipv4(inode: int | None = None) -> list[str]:
     """This (or that) namespace's own IPv4 addresses outside the loopback range, in order."""
     import ipaddress
     addrs = addresses(current_inode() if inode is None else inode)
-    return sorted((a for a in addrs if not ipaddress.ip_address(a).is_loopback), key=ipaddress.ip_address)
+    return sorted((a for a in addrs if ipaddress.ip_address(a).version == 4 and not ipaddress.ip_address(a).is_loopback),
+                  key=ipaddress.ip_address)

@@ -132,6 +132,8 @@ XMIT_TRACEPOINT = Attachment("raw_tracepoint", "net_dev_queue", "raw_tracepoint_
 
 
 def _has_fib6(facts: KernelFacts) -> bool:
+    if "fib6/fib6_table_lookup" in facts.tracepoints:
+        return bool(facts.tracepoints["fib6/fib6_table_lookup"])
     return bool(facts.tracefs and (facts.tracefs / "events" / "fib6" / "fib6_table_lookup" / "format").exists())
 
 

@@ -20,7 +20,7 @@ from tabulate import tabulate
 from . import netns
 from .events import Flow
 from .experiment import connect_from, enter_sandbox, host_addresses, start_listener, stop_process
-from .flows import LOOPBACK, OWN, is_loopback_device
+from .flows import LOOPBACK, OWN, DestinationSummary
 from .probes import Filters
 from .record import TraceWriter
 from .render import devices, json_line, losses_line
@@ -77,30 +77,33 @@ def local_entry(addr: str, table: list[dict]) -> tuple[str | None, str | None]:
 
 
 def judge(target: Target, outcome: str, flows: list[Flow], port: int) -> ProveRow:
-    """One destination's row: both directions of its connection, as the kernel sent them."""
+    """One destination's row: both directions of its connection, as the kernel sent them, judged
+    by device identity (IFF_LOOPBACK), as the watch verdict is (flows.DestinationSummary)."""
     mine = [f for f in flows if (f.daddr == target.addr and f.dport == port)
             or (f.saddr == target.addr and f.sport == port)]
+    seen = DestinationSummary(target.addr, target.kind)
+    for f in mine:
+        seen.add(f)
     row = ProveRow(target, outcome)
     row.fib_devs = sorted({f.fib_dev for f in mine if f.fib_dev and f.daddr == target.addr})
-    row.route_types = sorted({f.route_type for f in mine if f.route_type})
-    row.route_devs = sorted({f.route_dev for f in mine if f.route_dev})
-    for f in mine:
-        for dev, n in f.xmit_devs.items():
-            row.xmit_devs[dev] = row.xmit_devs.get(dev, 0) + n
-    sent = sum(row.xmit_devs.values())
-    off_lo = {d: n for d, n in row.xmit_devs.items() if not is_loopback_device(d)}
-    if sent == 0:
+    row.route_types = sorted(seen.route_types)
+    row.route_devs = sorted(seen.route_devs)
+    row.xmit_devs = dict(seen.xmit_devs)
+    route_on_loopback = all(f.route_loopback if f.route_loopback is not None else f.route_dev == "lo"
+                            for f in mine if f.route_type)
+    off_lo = sorted(seen.other_devs)
+    if seen.loopback_packets + seen.other_packets == 0:
         row.ok, row.why = False, "no packets were seen for this destination"
     elif target.kind == CONTROL:
         if off_lo and "LOCAL" not in row.route_types:
-            row.ok, row.why = True, f"left on {'/'.join(sorted(off_lo))}, as a non-local destination must"
+            row.ok, row.why = True, f"left on {'/'.join(off_lo)}, as a non-local destination must"
         else:
             row.ok, row.why = False, "the control stayed on lo: the trace cannot tell local from non-local"
     elif off_lo:
-        row.ok, row.why = False, f"{sum(off_lo.values())} packets left on {'/'.join(sorted(off_lo))}, not lo"
-    elif row.route_types != ["LOCAL"] or row.route_devs != ["lo"]:
+        row.ok, row.why = False, f"{seen.other_packets} packets left on {'/'.join(off_lo)}, not the loopback device"
+    elif row.route_types != ["LOCAL"] or not route_on_loopback:
         row.ok, row.why = False, (f"route type {'/'.join(row.route_types) or '?'} on "
-                                  f"{'/'.join(row.route_devs) or '?'}, not LOCAL on lo")
+                                  f"{'/'.join(row.route_devs) or '?'}, not LOCAL on the loopback device")
     else:
         row.ok, row.why = True, "LOCAL route, sent on lo"
     return row
@@ -152,7 +155,7 @@ def run(plan, headers_path, *, ns: str | None, targets: list[Target], port: int,
             outcomes[target.addr] = connect_from(ns, target.addr, port, proto)
             session.pump(20)
         time.sleep(0.2)                  # the last ACKs of each close
-        result = session.finish()
+        result, _late = session.finish()
     rows = []
     for target in targets:
         row = judge(target, outcomes[target.addr], result.flows, port)

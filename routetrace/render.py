@@ -8,7 +8,8 @@ from typing import Callable
 from tabulate import tabulate
 
 from .events import Flow, LossCounters
-from .flows import Verdict, classify
+from .flows import Aggregate, Verdict, classify
+from .sanitize import text
 
 STREAM_FORMAT = "{:<8} {:<7} {:<15} {:<5} {:<21} {:<21} {:<9} {:<6} {:<6} {:<6}"
 STREAM_HEADER = STREAM_FORMAT.format("TIME", "PID", "COMM", "PROTO", "SOURCE", "DESTINATION",
@@ -16,7 +17,10 @@ STREAM_HEADER = STREAM_FORMAT.format("TIME", "PID", "COMM", "PROTO", "SOURCE", "
 
 
 def endpoint(addr: str, port: int, proto: str) -> str:
-    return addr if proto == "icmp" else f"{addr}:{port}"
+    """RFC 5952 text, bracketed with a port for IPv6: [2001:db8::1]:8888."""
+    if proto in ("icmp", "icmp6"):
+        return addr
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 def clock_offset_ns() -> int:
@@ -30,59 +34,101 @@ def wall_time(mono_ns: int, offset_ns: int) -> str:
 
 def stream_line(flow: Flow, offset_ns: int) -> str:
     return STREAM_FORMAT.format(
-        wall_time(flow.first_ns, offset_ns), flow.pid, flow.comm[:15], flow.proto,
+        wall_time(flow.first_ns, offset_ns), flow.pid, text(flow.comm[:15]), flow.proto,
         endpoint(flow.saddr, flow.sport, flow.proto), endpoint(flow.daddr, flow.dport, flow.proto),
-        flow.route_type or "-", flow.route_dev or "-", flow.fib_dev or "-",
-        ",".join(sorted(flow.xmit_devs)) or "-")
+        flow.route_type or "-", text(flow.route_dev or "-"), text(flow.fib_dev or "-"),
+        text(",".join(sorted(d["name"] for d in flow.devices) or sorted(flow.xmit_devs)) or "-"))
 
 
 def devices(counts: dict[str, int]) -> str:
-    return " ".join(f"{dev}:{n}" for dev, n in sorted(counts.items())) or "-"
+    return text(" ".join(f"{dev}:{n}" for dev, n in sorted(counts.items())) or "-")
 
 
 def flow_table(flows: list[Flow], own_addresses: Callable[[int], set[str]]) -> str:
     rows = [(f.proto, endpoint(f.saddr, f.sport, f.proto), endpoint(f.daddr, f.dport, f.proto),
-             classify(f.daddr, own_addresses(f.netns)), f.route_type or "-", f.route_dev or "-",
-             f.fib_dev or "-", devices(f.xmit_devs)) for f in flows]
+             classify(f.daddr, own_addresses(f.netns)), f.route_type or "-", text(f.route_dev or "-"),
+             text(f.fib_dev or "-"), devices(f.xmit_devs)) for f in flows]
     return tabulate(rows, headers=("PROTO", "SOURCE", "DESTINATION", "DEST", "ROUTE TYPE",
-                                   "ROUTE DEV", "FIB DEV", "PACKETS BY XMIT DEV"))
+                                   "ROUTE DEV", "FIB DEV", "PACKETS BY XMIT DEV"), disable_numparse=True)
+
+
+def aggregate_table(aggregates: list[Aggregate], own_addresses: Callable[[int], set[str]]) -> str:
+    rows = [(a.key.proto, a.key.daddr, classify(a.key.daddr, own_addresses(a.key.netns)), a.key.route_type,
+             text(a.key.route_dev), text(f"{a.key.dev}#{a.key.ifindex}" + (" (loopback)" if a.key.loopback else "")),
+             a.flows, a.packets) for a in sorted(aggregates, key=lambda a: a.key)]
+    return tabulate(rows, headers=("PROTO", "DESTINATION", "DEST", "ROUTE TYPE", "ROUTE DEV", "XMIT DEV",
+                                   "FLOWS", "PACKETS"), disable_numparse=True)
 
 
 def verdict_table(v: Verdict) -> str:
-    rows = [(d.daddr, d.kind, "/".join(sorted(d.fib_devs)) or "-",
-             "/".join(sorted(d.route_types)) or "-", "/".join(sorted(d.route_devs)) or "-",
+    rows = [(d.daddr, d.kind, text("/".join(sorted(d.fib_devs)) or "-"),
+             "/".join(sorted(d.route_types)) or "-", text("/".join(sorted(d.route_devs)) or "-"),
              devices(d.xmit_devs)) for d in v.destinations]
-    return tabulate(rows, headers=("DESTINATION", "KIND", "FIB SAYS", "ROUTE TYPE", "ROUTE DEV", "SENT ON"))
+    return tabulate(rows, headers=("DESTINATION", "KIND", "FIB SAYS", "ROUTE TYPE", "ROUTE DEV", "SENT ON"),
+                    disable_numparse=True)
 
 
 def losses_line(losses: LossCounters | None) -> str:
     if losses is None:
         return "lost: unknown (the recording has no trailer: it was cut off)"
     if not losses.total:
-        return "lost: nothing (0 dropped notices, 0 map overflows, 0 missed probes)"
-    return (f"lost: {losses.events_dropped} new-flow notices dropped, "
-            f"{losses.flow_map_full + losses.xmit_map_full} packets not counted (map full), "
-            f"{losses.probes_missed} missed probes")
+        line = ("lost: nothing (0 packets: flow map never full, transmit probe never missed; "
+                "0 notices dropped, 0 route or FIB lookups missed)")
+    else:
+        line = (f"lost: {losses.packets_lost} packets not counted ({losses.flow_map_full} flow map full, "
+                f"{losses.xmit_missed} missed by the transmit probe); {losses.events_dropped} new-flow notices "
+                f"dropped (those flows were streamed late, their packets counted); "
+                f"{losses.probes_missed} route answers and {losses.fib_missed} FIB lookups missed")
+    if losses.undecoded:
+        line += f"\nother: {losses.undecoded} packets not decoded (not IPv4/IPv6 TCP, UDP, ICMP)"
+    return line
+
+
+def accounting_line(table) -> str:
+    if table is None:
+        return ""
+    line = f"accounted: {table.packets} packets in {table.seen} flows"
+    if table.folded:
+        line += (f" ({table.folded} flows beyond the table limit of {table.limit} folded into "
+                 f"{len(table.aggregates)} aggregates, below)")
+    return line
 
 
 def summary_text(flows: list[Flow], v: Verdict, losses: LossCounters | None,
-                 own_addresses: Callable[[int], set[str]]) -> str:
-    if not flows:
+                 own_addresses: Callable[[int], set[str]], table=None) -> str:
+    aggregates = list(table.aggregates.values()) if table is not None else []
+    if not flows and not aggregates:
         return f"\nNo flows matched.\n{losses_line(losses)}"
-    return "\n".join(["", flow_table(flows, own_addresses), "", verdict_table(v), "",
-                      f"verdict: {v.text}", losses_line(losses)])
+    parts = ["", flow_table(flows, own_addresses)]
+    if aggregates:
+        parts += ["", "folded flows, by destination and device:", aggregate_table(aggregates, own_addresses)]
+    parts += ["", verdict_table(v), "", f"verdict: {text(v.text)}"]
+    if table is not None:
+        parts.append(accounting_line(table))
+    parts.append(losses_line(losses))
+    return "\n".join(parts)
 
 
-def summary_object(flows: list[Flow], v: Verdict, losses: LossCounters) -> dict:
-    return {
+def summary_object(flows: list[Flow], v: Verdict, losses: LossCounters, table=None) -> dict:
+    out = {
         "type": "summary",
         "flows": [f.to_dict() for f in flows],
         "destinations": [{"daddr": d.daddr, "kind": d.kind, "fib_devs": sorted(d.fib_devs),
                           "route_types": sorted(d.route_types), "route_devs": sorted(d.route_devs),
-                          "xmit_devs": d.xmit_devs} for d in v.destinations],
+                          "xmit_devs": d.xmit_devs, "loopback_packets": d.loopback_packets,
+                          "other_packets": d.other_packets} for d in v.destinations],
         "verdict": {"holds": v.holds, "text": v.text},
         "lost": losses.to_dict(),
     }
+    if table is not None:
+        out["accounted"] = {"packets": table.packets, "flows": table.seen, "folded": table.folded,
+                            "table_limit": table.limit}
+        out["aggregates"] = [a.to_dict() for a in table.aggregates.values()]
+    return out
+
+
+def loss_object(losses: LossCounters) -> dict:
+    return {"type": "loss", "lost": losses.to_dict()}
 
 
 CSV_COLUMNS = ("proto", "saddr", "sport", "daddr", "dport", "netns", "pid", "comm", "route_type",

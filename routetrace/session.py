@@ -21,7 +21,7 @@ from .record import TraceWriter
 from .tracer import Tracer
 
 RECORD_INTERVAL_S = 1.0
-DRAIN_INTERVAL_S = 1.0
+DRAIN_INTERVAL_S = 0.5
 
 
 class OwnAddresses:

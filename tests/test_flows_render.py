@@ -1,28 +1,39 @@
 """Flows, classification, verdict and views, fed with a real trace recorded on this machine."""
 import json
-from types import SimpleNamespace
-
 import pytest
 
 from conftest import FIXTURES
-from routetrace.events import Flow, LossCounters, decode_flow, ipv4, route_type_name
+from routetrace.events import (KEY_STRUCT, VALUE_STRUCT, Flow, LossCounters, decode_entry, merge_into,
+                               route_type_name)
 from routetrace.flows import LOOPBACK, OTHER, OWN, FlowTable, classify, verdict
-from routetrace.render import (STREAM_HEADER, flow_table, losses_line, stream_line, summary_object,
-                               summary_text)
+from routetrace.render import (STREAM_HEADER, endpoint, flow_table, losses_line, stream_line,
+                               summary_object, summary_text)
 
 OWN_ADDR = "198.51.100.1"
+OWN_ADDR6 = "2001:db8::1"
 
 
 def own(_netns):
-    return {OWN_ADDR}
+    return {OWN_ADDR, OWN_ADDR6}
 
 
+# Recorded on this machine (kernel 6.18, tracepoint plan) by `watch --netns NS --port 8888 --json`
+# while clients in NS (eth0 = 198.51.100.1/24, 2001:db8::1/64; peer .2 / ::2) connected to
+# 127.0.0.1, the own address and the peer, over IPv4 and IPv6.
 @pytest.fixture
 def recorded():
-    lines = (FIXTURES / "watch-json-tracepoint-6.18.jsonl").read_text().splitlines()
+    lines = (FIXTURES / "watch-json-tracepoint-6.18-1.1.jsonl").read_text().splitlines()
     objs = [json.loads(line) for line in lines]
     flows = [Flow(**{k: v for k, v in o.items() if k != "type"}) for o in objs[-1]["flows"]]
     return objs, flows
+
+
+def kernel_entry(*, family=4, saddr=b"\x7f\0\0\x01", daddr=b"\xc6\x33\x64\x01", ifindex=1, packets=5,
+                 route_src=1, flags=0x01 | 0x02 | 0x04, dev=b"lo", route_dev=b"lo", fib_dev=b"eth0"):
+    key = KEY_STRUCT.pack(7, ifindex, saddr.ljust(16, b"\0"), daddr.ljust(16, b"\0"), 40000, 8888, 6, family, 0)
+    value = VALUE_STRUCT.pack(packets, packets * 60, packets, 0, 10, 42, 254, 1, 2, 2, route_src, flags, 0,
+                              b"curl\0\0", dev, route_dev, fib_dev)
+    return key, value
 
 
 def test_classify_loopback_wins_over_own_address():
@@ -33,19 +44,54 @@ def test_classify_loopback_wins_over_own_address():
 
 
 def test_decode_from_kernel_structs():
-    key = SimpleNamespace(proto=6, saddr=0x0100007F, daddr=0x0164_33C6, sport=40000, dport=8888, netns=7)
-    value = SimpleNamespace(pid=42, comm=b"curl\0\0", route_type=2, has_route=1, route_dev=b"lo\0xx",
-                            has_fib=1, fib_dev=b"eth0\0", fib_table=254, packets=5, bytes=300,
-                            first_ns=10, last_ns=20)
-    flow = decode_flow(key, value, {"lo": 5}, "tracepoint")
-    assert (flow.saddr, flow.daddr) == ("127.0.0.1", "198.51.100.1")
-    assert (flow.proto, flow.route_type, flow.route_dev, flow.fib_dev, flow.comm) == \
-        ("tcp", "LOCAL", "lo", "eth0", "curl")
-    value.has_route = value.has_fib = 0
-    flow = decode_flow(key, value, {}, "tracepoint")
+    flow, continued = decode_entry(*kernel_entry(), "tracepoint")
+    assert not continued
+    assert (flow.saddr, flow.daddr, flow.family) == ("127.0.0.1", "198.51.100.1", 4)
+    assert (flow.proto, flow.route_type, flow.route_dev, flow.fib_dev, flow.comm, flow.route_src) == \
+        ("tcp", "LOCAL", "lo", "eth0", "curl", "packet")
+    assert flow.devices == [{"ifindex": 1, "name": "lo", "loopback": True, "packets": 5, "segments": 5, "bytes": 300}]
+    assert flow.xmit_devs == {"lo": 5} and flow.route_loopback is True
+    flow, _ = decode_entry(*kernel_entry(route_src=0, flags=0x10), "tracepoint")
     assert flow.route_type is flow.route_dev is flow.fib_dev is flow.fib_table is None
     assert route_type_name(1) == "UNICAST" and route_type_name(99) == "TYPE99"
-    assert ipv4(0x0100007F) == "127.0.0.1"
+    v6, _ = decode_entry(*kernel_entry(family=6, saddr=bytes(15) + b"\1",
+                                       daddr=bytes.fromhex("20010db8000000000000000000000001")), "tracepoint")
+    assert (v6.saddr, v6.daddr) == ("::1", "2001:db8::1")
+    assert endpoint(v6.daddr, 8888, "tcp") == "[2001:db8::1]:8888" and endpoint("::1", 0, "icmp6") == "::1"
+
+
+def test_devices_are_merged_by_ifindex_not_by_name():
+    """A namespace may rename lo, or call a veth "lo": the kernel's flag decides, not the name."""
+    fake_lo, _ = decode_entry(*kernel_entry(ifindex=5, dev=b"lo", flags=0x01), "tracepoint")      # a veth named lo
+    real_lo, _ = decode_entry(*kernel_entry(ifindex=1, dev=b"lo0", flags=0x01 | 0x04), "tracepoint")  # lo renamed
+    merge_into(fake_lo, real_lo)
+    assert [(d["ifindex"], d["name"], d["loopback"]) for d in fake_lo.devices] == [(5, "lo", False), (1, "lo0", True)]
+    v = verdict([fake_lo], lambda _ns: {"198.51.100.1"})
+    (dest,) = v.destinations
+    assert (dest.loopback_packets, dest.other_packets) == (5, 5)
+    assert v.holds is False and "not loopback: lo" in v.text
+
+
+def test_table_folds_past_its_limit_and_the_counts_still_add_up():
+    table = FlowTable(limit=3)
+    total = 0
+    for port in range(10):
+        key, value = kernel_entry(packets=port + 1)
+        key = key[:40] + (40000 + port).to_bytes(2, "little") + key[42:]
+        part, _ = decode_entry(key, value, "tracepoint")
+        assert table.add(part, continued=False, now_ns=port) is part          # new: streamed once
+        total += port + 1
+    assert len(table) == 3 and table.folded == 7 and table.seen == 10
+    (agg,) = table.aggregates.values()
+    assert agg.flows == 7 and agg.packets == sum(range(1, 8))
+    assert table.packets == total
+    # A folded flow that keeps sending (the kernel marks it continued) adds to its aggregate.
+    key, value = kernel_entry(packets=4)
+    part, _ = decode_entry(key[:40] + (40000).to_bytes(2, "little") + key[42:], value, "tracepoint")
+    assert table.add(part, continued=True, now_ns=11) is None
+    assert agg.packets == sum(range(1, 8)) + 4 and agg.flows == 7
+    v = verdict(list(table), lambda _ns: {"198.51.100.1"}, table.aggregates.values())
+    assert v.holds is None and v.destinations[0].loopback_packets == total + 4
 
 
 def test_recorded_trace_gives_the_same_verdict_offline(recorded):
@@ -54,18 +100,22 @@ def test_recorded_trace_gives_the_same_verdict_offline(recorded):
     assert v.holds is True
     assert v.text == objs[-1]["verdict"]["text"]
     assert [(d.daddr, d.kind) for d in v.destinations] == \
-        [("127.0.0.1", LOOPBACK), (OWN_ADDR, OWN), ("198.51.100.2", OTHER)]
-    again = summary_object(flows, v, LossCounters(**{k: v for k, v in objs[-1]["lost"].items() if k != "total"}))
+        [("127.0.0.1", LOOPBACK), ("::1", LOOPBACK), (OWN_ADDR, OWN), (OWN_ADDR6, OWN),
+         ("198.51.100.2", OTHER), ("2001:db8::2", OTHER)]
+    table = FlowTable()
+    for flow in flows:
+        table.update(flow)
+    again = summary_object(flows, v, LossCounters.from_dict(objs[-1]["lost"]), table)
     assert again == objs[-1]
 
 
 def test_verdict_fails_and_names_the_destination_that_left_on_a_real_device(recorded):
     _, flows = recorded
     bad = next(f for f in flows if f.daddr == OWN_ADDR)
-    bad.xmit_devs = {"eth0": 3}
+    bad.devices = [{"ifindex": 2, "name": "eth0", "loopback": False, "packets": 3, "segments": 3, "bytes": 180}]
     v = verdict(flows, own)
     assert v.holds is False
-    assert v.text == "NOT the same path: 198.51.100.1 (own-address) sent on eth0:3 lo:7"
+    assert v.text == "NOT the same path: 198.51.100.1 (own-address) sent on eth0:3 lo:5 (not loopback: eth0)"
 
 
 def test_verdict_needs_both_kinds_of_flow(recorded):
@@ -81,7 +131,8 @@ def test_flow_table_keeps_the_newest_snapshot_and_never_goes_backwards(recorded)
     table = FlowTable()
     first = flows[0]
     assert table.update(first) is True
-    later = Flow(**{**first.__dict__, "packets": first.packets + 3, "xmit_devs": {"lo": first.packets + 3}})
+    later = Flow(**{**first.__dict__, "packets": first.packets + 3, "xmit_devs": {"lo": first.packets + 3},
+                    "devices": []})
     assert table.update(later) is False
     stale = Flow(**{**first.__dict__, "packets": 0, "xmit_devs": {}})
     table.update(stale)
@@ -101,12 +152,17 @@ def test_summary_text_has_table_verdict_and_losses(recorded):
     text = summary_text(flows, verdict(flows, own), LossCounters(), own)
     assert "PACKETS BY XMIT DEV" in text and "FIB SAYS" in text
     assert "verdict: same path: 127.0.0.1-range and own-address flows both left on lo" in text
-    assert text.rstrip().endswith("lost: nothing (0 dropped notices, 0 map overflows, 0 missed probes)")
+    assert text.rstrip().endswith("lost: nothing (0 packets: flow map never full, transmit probe never missed; "
+                                  "0 notices dropped, 0 route or FIB lookups missed)")
     row = next(line for line in flow_table(flows, own).splitlines() if "198.51.100.2:8888" in line)
     assert "UNICAST" in row and "eth0:" in row and "other" in row
+    row6 = next(line for line in flow_table(flows, own).splitlines() if "[2001:db8::1]:8888" in line)
+    assert "own-address" in row6 and "LOCAL" in row6 and "lo:5" in row6
 
 
 def test_losses_are_reported_not_hidden():
-    text = losses_line(LossCounters(events_dropped=2, flow_map_full=3, xmit_map_full=1, probes_missed=4))
-    assert text == "lost: 2 new-flow notices dropped, 4 packets not counted (map full), 4 missed probes"
+    text = losses_line(LossCounters(events_dropped=2, flow_map_full=3, xmit_missed=1, probes_missed=4, undecoded=9))
+    assert text == ("lost: 4 packets not counted (3 flow map full, 1 missed by the transmit probe); 2 new-flow "
+                    "notices dropped (those flows were streamed late, their packets counted); 4 route answers "
+                    "and 0 FIB lookups missed\nother: 9 packets not decoded (not IPv4/IPv6 TCP, UDP, ICMP)")
     assert "No flows matched." in summary_text([], verdict([], own), LossCounters(), own)

@@ -10,12 +10,13 @@ import pytest
 from conftest import json_objects
 from routetrace import kernel, probes
 from routetrace.kernel import Headers, KernelFacts
-from routetrace.tracer import missed_from_profile
+from routetrace.tracer import missed_by_role, missed_from_profile
 
 
 def facts(**kw):
     base = dict(release="6.1.0-56-amd64", is_root=True, btf=True, tracefs=Path("/sys/kernel/tracing"),
-                kprobes=True, tracepoints={"fib/fib_table_lookup": True, "net/net_dev_queue": True},
+                kprobes=True, tracepoints={"fib/fib_table_lookup": True, "net/net_dev_queue": True,
+                                           "fib6/fib6_table_lookup": True},
                 symbols={"ip_route_output_key_hash": "T", "__dev_queue_xmit": "T", "dev_queue_xmit": "t"},
                 headers=Headers(Path("/lib/modules/6.1.0-56-amd64/build"), "6.1.0-56-amd64", True))
     return KernelFacts(**{**base, **kw})
@@ -26,7 +27,7 @@ def test_auto_takes_kprobes_when_they_exist_and_the_symbols_resolve():
     assert plan.backend == "kprobe"
     assert [str(a) for a in plan.attachments] == [
         "kprobe ip_route_output_key_hash", "kretprobe ip_route_output_key_hash",
-        "kprobe __dev_queue_xmit", "tracepoint fib:fib_table_lookup"]
+        "kprobe __dev_queue_xmit", "raw_tracepoint fib_table_lookup", "raw_tracepoint fib6_table_lookup"]
     assert plan.attachments[1].maxactive == probes.KRETPROBE_MAXACTIVE
     assert "-DROUTE_DECISIONS=1" in plan.cflags and "-DFILTER_PORT=8888" in plan.cflags
     assert plan.offsets[0].source == ("btf" if Path("/sys/kernel/btf/vmlinux").exists() else "headers")
@@ -57,16 +58,23 @@ def test_auto_falls_back_to_tracepoints_and_says_why():
     assert probes.choose(facts(), probes.Filters(), "tracepoint").backend == "tracepoint"
 
 
-def test_fib_name_layout_follows_the_tracepoint_format():
-    assert "-DFIB_NAME_DATA_LOC=1" in probes.choose(facts(fib_name_data_loc=True), probes.Filters()).cflags
-    assert "-DFIB_NAME_DATA_LOC=1" not in probes.choose(facts(), probes.Filters()).cflags
+def test_fib6_is_attached_only_where_the_kernel_has_it():
+    with_v6 = probes.choose(facts(), probes.Filters())
+    assert "-DHAVE_FIB6=1" in with_v6.cflags
+    without = probes.choose(facts(tracepoints={"fib/fib_table_lookup": True, "net/net_dev_queue": True,
+                                               "fib6/fib6_table_lookup": False}), probes.Filters())
+    assert "-DHAVE_FIB6=1" not in without.cflags
+    assert not [a for a in without.attachments if "fib6" in a.target]
+    assert any("IPv6 flows have no FIB column" in r for r in without.reasons)
 
 
-def test_kretprobe_misses_are_read_from_kprobe_profile():
+def test_probe_misses_are_read_from_kprobe_profile_by_role():
     profile = ("  p_ip_route_output_key_hash_bcc_4242                    17               0\n"
                "  r_ip_route_output_key_hash_bcc_4242                    17               3\n"
+               "  p___dev_queue_xmit_bcc_4242                          900               7\n"
                "  r_ip_route_output_key_hash_bcc_999                     17               5\n")
-    assert missed_from_profile(profile, 4242) == 3
+    assert missed_by_role(profile, 4242, {"__dev_queue_xmit"}) == {"route": 3, "xmit": 7}
+    assert missed_from_profile(profile, 4242) == 10
 
 
 def test_dry_run_prints_the_plan_without_root(capsys, monkeypatch):

@@ -53,8 +53,8 @@ def test_flows_that_left_on_a_physical_device_exit_1_and_name_the_row(flows):
     rows = [judge(t, "ok", flows, PORT) for t in TARGETS]
     code, text = verdict(rows)
     assert code == 1
-    assert text == "the claim did NOT hold: 198.51.100.1 (own-address): 5 packets left on eth0, not lo"
-    assert "FAILED: 5 packets left on eth0, not lo" in render(rows, code, text, None)
+    assert text == "the claim did NOT hold: 198.51.100.1 (own-address): 5 packets left on eth0, not the loopback device"
+    assert "FAILED: 5 packets left on eth0, not the loopback device" in render(rows, code, text, None)
 
 
 def test_a_control_on_lo_or_a_missing_destination_fails(flows):

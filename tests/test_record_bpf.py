@@ -58,7 +58,10 @@ def test_sigkill_leaves_what_was_seen_readable_as_incomplete(served, live, tmp_p
     path = tmp_path / "trace.jsonl"
     run = live("watch", "--netns", served.host, "--port", "8888", "--record", str(path))
     _traffic(served)
-    time.sleep(1.5)                      # the recorder flushes at least once a second
+    # Counts reach the file within two drain intervals and a record interval (about 2 s).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and path.read_text().count('"packets":5') < 3:
+        time.sleep(0.2)
     run.proc.kill()
     run.proc.wait()
     trace = read_trace(path)
