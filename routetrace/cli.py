@@ -12,6 +12,7 @@ from tabulate import tabulate
 
 from . import __version__, kernel, netns, probes
 from .errors import EnvironmentProblem, RoutetraceError, UsageError
+from .flows import DEFAULT_KEEP_FLOWS
 
 
 def _port(_ctx, _param, value):
@@ -82,8 +83,16 @@ def cli():
 @click.option("--duration", "-d", type=float, callback=_duration, help="Stop after SECONDS.")
 @click.option("--record", "-w", metavar="FILE", help="Also write the trace to FILE (JSON lines, see README).")
 @backend_option("kprobe: the design card's probes; tracepoint: for kernels without kprobes.")
+@click.option("--max-flows", type=click.IntRange(16, 1 << 22), default=probes.Limits.max_flows, show_default=True,
+              help="Kernel flow-map entries (two maps alternate): new flows per drain interval before "
+                   "packets are counted as lost.")
+@click.option("--keep-flows", type=click.IntRange(1, 1 << 24), default=DEFAULT_KEEP_FLOWS, show_default=True,
+              help="Flows kept as rows; past this the least recently active are folded into aggregates.")
+@click.option("--ring-pages", type=click.IntRange(1, 1 << 16), default=probes.Limits.ring_pages, show_default=True,
+              help="Pages of the new-flow notice ring (a power of two); a full ring delays streaming, never counts.")
 @click.option("--dry-run", is_flag=True, help="Print the attach plan and offsets; load nothing.")
-def watch(port, host, pid, netns_spec, as_json, duration, record, backend, dry_run):
+def watch(port, host, pid, netns_spec, as_json, duration, record, backend, max_flows, keep_flows, ring_pages,
+          dry_run):
     """Show the kernel's route decision for each new flow, live; summary and verdict at the end.
 
     \b
@@ -92,23 +101,26 @@ def watch(port, host, pid, netns_spec, as_json, duration, record, backend, dry_r
       sudo routetrace watch --netns blue --json --duration 10
     """
     from .watch import watch as run_watch
+    if ring_pages & (ring_pages - 1):
+        raise UsageError(f"--ring-pages must be a power of two, not {ring_pages}")
     filters = build_filters(port, host, pid, netns_spec)
+    limits = probes.Limits(max_flows=max_flows, ring_pages=ring_pages)
     if dry_run:
         facts = kernel.gather(prepare_headers=os.geteuid() == 0)
-        click.echo(probes.choose(facts, filters, backend).render())
+        click.echo(probes.choose(facts, filters, backend, limits).render())
         return
-    plan, headers = _prepare("watch", filters, backend)
-    run_watch(plan, headers, as_json=as_json, duration=duration, record=record)
+    plan, headers = _prepare("watch", filters, backend, limits)
+    run_watch(plan, headers, as_json=as_json, duration=duration, record=record, keep_flows=keep_flows)
 
 
-def _prepare(command: str, filters: probes.Filters, backend: str = "auto"):
+def _prepare(command: str, filters: probes.Filters, backend: str = "auto", limits: probes.Limits | None = None):
     """Everything a live trace needs, checked in the order a user can fix it."""
     from .tracer import import_bcc
     _require_root(command)
     import_bcc()
     kernel.mount_tracefs()
     facts = kernel.gather(prepare_headers=True)
-    plan = probes.choose(facts, filters, backend)
+    plan = probes.choose(facts, filters, backend, limits)
     # bcc finds the running kernel's own headers by itself; others it is pointed at.
     return plan, None if facts.headers.matches else facts.headers.path
 

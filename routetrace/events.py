@@ -98,8 +98,9 @@ PROTOCOLS_BY_FAMILY = {**PROTOCOLS, socket.IPPROTO_ICMPV6: "icmp6"}
 
 
 def address(family: int, raw: bytes) -> str:
-    """An address as the BPF key holds it (16 bytes, IPv4 in the first 4), in RFC 5952 form."""
-    return str(ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw))
+    """An address as the BPF key holds it (16 bytes, IPv4 in the first 4), in RFC 5952 form
+    (inet_ntop: the same text as ipaddress, several times faster in a storm)."""
+    return socket.inet_ntop(socket.AF_INET, raw[:4]) if family == 4 else socket.inet_ntop(socket.AF_INET6, raw)
 
 
 def decode_entry(key: bytes, value: bytes, backend: str) -> tuple[Flow, bool]:

@@ -71,6 +71,10 @@ class FlowTable:
         self.folded = 0                  # flows folded into aggregates
         self.seen = 0                    # flows ever in the table
         self.on_fold = None              # callback(flow): the recorder writes it down
+        # Keys of recently folded flows (hashes, a few times the limit): a folded flow that
+        # sends again adds to its aggregate instead of coming back as a new row.
+        self._recent_folds: OrderedDict[int, None] = OrderedDict()
+        self._recent_limit = 4 * limit if limit else 0
 
     def update(self, flow: Flow) -> bool:
         """Store a snapshot; True when the flow is new. Counters never go backwards."""
@@ -86,7 +90,7 @@ class FlowTable:
 
     def notice(self, flow: Flow) -> bool:
         """A new-flow notice: True (stream it) when the flow was not known yet."""
-        if flow.key in self._flows:
+        if flow.key in self._flows or (self.folded and hash(flow.key) in self._recent_folds):
             return False
         return self.update(flow)
 
@@ -100,7 +104,7 @@ class FlowTable:
             if part.packets:
                 self._flows.move_to_end(part.key)
             return None
-        if continued and self.folded:
+        if self.folded and (continued or hash(part.key) in self._recent_folds):
             self._fold_counts(part, new_flow=False)
             return None
         part.last_ns = max(part.last_ns, now_ns) if part.packets else part.last_ns
@@ -109,9 +113,12 @@ class FlowTable:
 
     def _fold_overflow(self) -> None:
         while self.limit is not None and len(self._flows) > self.limit:
-            _key, flow = self._flows.popitem(last=False)
+            key, flow = self._flows.popitem(last=False)
             self._fold_counts(flow, new_flow=True)
             self.folded += 1
+            self._recent_folds[hash(key)] = None
+            if len(self._recent_folds) > self._recent_limit:
+                self._recent_folds.popitem(last=False)
             if self.on_fold:
                 self.on_fold(flow)
 

@@ -66,6 +66,7 @@ class Session:
         self._dirty: dict = {}
         self._dirty_aggregates: set = set()
         self._losses = LossCounters()
+        self.received = 0                 # packets drained from the kernel: table.packets must equal it
         self.on_loss: Callable[[LossCounters], None] | None = None
 
     # ---- recording ------------------------------------------------------------------------
@@ -128,6 +129,7 @@ class Session:
         new = []
         before = len(self.table.aggregates), self.table.folded
         for part, continued in self._tracer.drain(final=final):
+            self.received += part.packets
             flow = self.table.add(part, continued, now)
             if flow is not None:
                 new.append(flow)
@@ -161,13 +163,12 @@ class Session:
 
     def _check_losses(self) -> None:
         losses = self._tracer.losses()
-        if losses != self._losses:
-            grew = losses.total > self._losses.total or losses.undecoded != self._losses.undecoded
-            self._losses = losses
-            if grew and self.on_loss and losses.total:
+        if losses.total > self._losses.total:
+            if self.on_loss:
                 self.on_loss(losses)
-            if self.recorder and losses.total:
+            if self.recorder:
                 self.recorder.loss(losses)
+        self._losses = losses
 
     def losses(self) -> LossCounters:
         return self._losses
@@ -180,8 +181,8 @@ class Session:
         new += self._take_notices(0)
         for flow in new:
             self.own(flow.netns)
-        losses = self._tracer.losses()
-        self._losses = losses
+        self._check_losses()               # a last loss line when it grew since the last one
+        losses = self._losses
         flows = list(self.table)
         result = TraceResult(flows, verdict(flows, self.own, self.table.aggregates.values()), losses,
                              self.own, self.table)

@@ -14,12 +14,7 @@ from .render import (STREAM_HEADER, clock_offset_ns, json_line, loss_object, los
 from .session import Session, TraceResult
 
 
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(_signum, _frame):
-    raise _Stop()
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: float | None = None,
@@ -29,12 +24,18 @@ def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: fl
     recorder = TraceWriter(record) if record else None
     previous = signal.getsignal(signal.SIGTERM)
 
-    def emit(flow):
-        print(json_line(flow.to_dict()) if as_json else stream_line(flow, offset), file=out, flush=True)
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    def emit(flows):
+        # One write per batch: a storm of new flows must not cost a system call each.
+        if flows:
+            write("".join((json_line(f.to_dict()) if as_json else stream_line(f, offset)) + "\n" for f in flows))
 
     def lost(losses):
         # Live, in the stream itself: the first loss and every growth are visible as they happen.
-        print(json_line(loss_object(losses)) if as_json else f"LOST     {losses_line(losses)}", file=out, flush=True)
+        write((json_line(loss_object(losses)) if as_json else f"LOST     {losses_line(losses)}") + "\n")
 
     try:
         with Session(plan, headers_path, recorder, keep_flows=keep_flows or DEFAULT_KEEP_FLOWS) as session:
@@ -45,20 +46,19 @@ def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: fl
             if not as_json:
                 print(STREAM_HEADER, file=out, flush=True)
             deadline = None if duration is None else time.monotonic() + duration
-            try:
-                # From here SIGTERM ends the trace like Ctrl-C; before, it unwinds as an error would.
-                signal.signal(signal.SIGTERM, _raise_stop)
-                while deadline is None or time.monotonic() < deadline:
-                    for flow in session.pump(200):
-                        emit(flow)
-            except (KeyboardInterrupt, _Stop):
-                pass
+            # From here Ctrl-C and SIGTERM only ask the loop to stop: an exception raised in the
+            # middle of a drain would lose counts already taken out of the kernel's map, or cut
+            # a line of output in half. Before, they unwind as an error would.
+            stop: list[int] = []
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, lambda signum, _frame: stop.append(signum))
+            while not stop and (deadline is None or time.monotonic() < deadline):
+                emit(session.pump(200))
             # A second Ctrl-C while finishing must not lose the summary or the trailer.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             result, late = session.finish()
-            for flow in late:
-                emit(flow)
+            emit(late)
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -68,10 +69,27 @@ class LiveRoutetrace:
                 raise AssertionError(f"routetrace did not start: {self.head}{err.decode()}{out.decode()}")
             self.head += os.read(stream.fileno(), 65536).decode()
         self._head_on_stdout = stream is self.proc.stdout
+        # Read both streams from now on, as a terminal would: a full pipe would block routetrace.
+        self._chunks = {"out": [], "err": []}
+        self._readers = [threading.Thread(target=self._read, args=(s, self._chunks[k]), daemon=True)
+                         for k, s in (("out", self.proc.stdout), ("err", self.proc.stderr))]
+        for t in self._readers:
+            t.start()
+
+    @staticmethod
+    def _read(stream, chunks):
+        while data := os.read(stream.fileno(), 1 << 16):
+            chunks.append(data)
+
+    def output_so_far(self) -> str:
+        return b"".join(self._chunks["out"]).decode(errors="replace")
 
     def stop(self, sig=signal.SIGINT, timeout: float = 60):
         self.proc.send_signal(sig)
-        out, err = (b.decode() for b in self.proc.communicate(timeout=timeout))
+        self.proc.wait(timeout=timeout)
+        for t in self._readers:
+            t.join(timeout)
+        out, err = (b"".join(self._chunks[k]).decode() for k in ("out", "err"))
         if self._head_on_stdout:
             return self.proc.returncode, self.head + out, err
         return self.proc.returncode, out, self.head + err
