@@ -247,7 +247,9 @@ def doctor():
     rows.append(("headers", f"{hdr.path} ({hdr.release})" if hdr else "none",
                  ("matches the running kernel" if hdr.matches else "not the running kernel's: offsets from BTF")
                  if hdr else "install linux-headers (scripts/setup)"))
-    rows.append(("bcc", facts.bcc_version or "missing", "" if facts.bcc_version else "apt install python3-bpfcc"))
+    bcc = facts.bcc_version        # found by importing it; where from: module path and Debian package
+    rows.append(("bcc", bcc or "missing (import bcc fails)",
+                 (bcc.origin() if hasattr(bcc, "origin") else "") if bcc else "apt install python3-bpfcc"))
     click.echo(tabulate(rows, headers=("CHECK", "FOUND", "NOTE")))
     problems = []
     if not facts.is_root:
