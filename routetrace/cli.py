@@ -199,8 +199,8 @@ def prove(port, sandbox, to, control, proto, closed, as_json, record, backend):
 @click.option("--to", "to", multiple=True, callback=_addresses, metavar="ADDR",
               help="Own address to compare with 127.0.0.1; default: the first IPv4 address on this host.")
 @click.option("--duration", "-d", type=float, default=1.0, show_default=True, callback=_duration,
-              help="Seconds per measurement slice.")
-@click.option("--rounds", "-r", type=click.IntRange(2, 100), default=5, show_default=True,
+              metavar="SECONDS", help="Seconds per measurement slice.")
+@click.option("--rounds", "-r", type=click.IntRange(2, 100), default=5, show_default=True, metavar="N",
               help="Interleaved rounds (each measures every target and metric once).")
 @click.option("--port", "-P", callback=_port, default="9100", show_default=True, metavar="PORT",
               help="Base port: PORT echo, PORT+1 bulk sink, PORT+2 accept-close.")
