@@ -75,7 +75,6 @@ def test_four_and_six_together_are_a_usage_error(capsys, captured):
 
 
 def test_metrics_spec_is_passed_to_the_live_session(capsys, captured):
-    pytest.importorskip("prometheus_client")
     code, _, err = run(capsys, "watch", "--metrics", "9464", "-d", "1")
     assert code == 0, err
     assert captured["watch"]["metrics"] == "9464"

@@ -7,9 +7,9 @@ import pytest
 from routetrace import cli, metrics
 from routetrace.errors import EnvironmentProblem, UsageError
 
-prometheus_client = pytest.importorskip("prometheus_client")   # python3-prometheus-client, scripts/setup
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families as parse_prometheus  # noqa: E402
+# python3-prometheus-client (scripts/setup) or the test extra: a missing one fails, never skips.
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
 LO = {"netns": "4026531833", "family": "ipv4", "route_type": "LOCAL", "route_dev": "lo", "xmit_dev": "lo",
       "dest_kind": "loopback"}
