@@ -80,7 +80,9 @@ def test_deb_layout(built):
     for source in BPF_SOURCES:
         assert f"/usr/lib/python3/dist-packages/routetrace/bpf/{source}" in files
     for path in ("/usr/share/man/man8/routetrace.8.gz", "/usr/share/bash-completion/completions/routetrace",
-                 "/usr/share/doc/routetrace/copyright", "/usr/share/doc/routetrace/changelog.gz"):
+                 "/usr/share/doc/routetrace/copyright", "/usr/share/doc/routetrace/changelog.gz",
+                 "/usr/share/doc/routetrace/examples/routetrace-rules.yml",
+                 "/usr/share/doc/routetrace/examples/scrape-config.yml"):
         assert path in files
     assert not any("__pycache__" in p or p.endswith(".pyc") for p in files)
     control = subprocess.run(["dpkg-deb", "-f", str(deb), "Depends", "Architecture", "Package"],
