@@ -20,6 +20,7 @@ prometheus_client (Debian: python3-prometheus-client) is imported only when metr
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import platform
@@ -168,3 +169,23 @@ def stop_metrics_server(server, thread, timeout: float = 5.0) -> None:
     server.shutdown()
     server.server_close()
     thread.join(timeout)
+
+
+def url(server) -> str:
+    """Where a started server answers, e.g. http://127.0.0.1:9464/metrics (for the "Tracing" line)."""
+    host, port = server.server_address[:2]
+    return f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
+
+
+@contextlib.contextmanager
+def serving(spec: str | None, source: MetricsSource, info: dict | None = None):
+    """`with serving(spec, session) as server:` serves for the block's duration; spec None: nothing
+    (server is None)."""
+    if not spec:
+        yield None
+        return
+    server, thread = start_metrics_server(spec, source, info)
+    try:
+        yield server
+    finally:
+        stop_metrics_server(server, thread)

@@ -140,3 +140,15 @@ def test_watch_rejects_a_bad_metrics_spec_before_tracing(capsys):
     _out, err = capsys.readouterr()
     assert code == 2
     assert err.strip().splitlines() == ["routetrace: --metrics port must be a number from 0 to 65535, not 'x'"]
+
+
+def test_serving_context_stops_the_server_and_none_serves_nothing():
+    with metrics.serving(None, FakeSession()) as nothing:
+        assert nothing is None
+    with metrics.serving("127.0.0.1:0", FakeSession(), {"backend": "tracepoint"}) as server:
+        where = metrics.url(server)
+        assert where.startswith("http://127.0.0.1:") and where.endswith("/metrics")
+        _ctype, text = _get(where)
+        assert 'backend="tracepoint"' in text           # extra build-info labels from the session
+    with pytest.raises(OSError):
+        _get(where)                                     # closed with the block
