@@ -30,8 +30,9 @@ def resolve(spec: str) -> tuple[int, str | None]:
     if spec.isdigit():
         inode = int(spec)
         if not _exists(inode):
+            hint = "" if os.geteuid() == 0 else "; as root, every process's namespace can be seen"
             raise UsageError(f"--netns {spec}: no network namespace has inode {spec} "
-                             f"(no process is in one, and no entry under {NETNS_RUN_DIR} holds one)")
+                             f"(no process is in one, and no entry under {NETNS_RUN_DIR} holds one{hint})")
         return inode, name_of(inode)
     if "/" in spec:
         path = Path(spec)
