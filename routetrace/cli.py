@@ -27,9 +27,9 @@ def _host(_ctx, _param, value):
     if value is None:
         return None
     try:
-        return str(ipaddress.IPv4Address(value))
+        return str(ipaddress.ip_address(value))
     except ValueError:
-        raise UsageError(f"--host must be an IPv4 address, not {value!r}") from None
+        raise UsageError(f"--host must be an IPv4 or IPv6 address, not {value!r}") from None
 
 
 def _pid(_ctx, _param, value):
@@ -51,7 +51,22 @@ def _require_root(command: str) -> None:
         raise EnvironmentProblem(f"routetrace {command} needs root to load BPF programs: run it with sudo")
 
 
-def build_filters(port, host, pid, netns_spec) -> probes.Filters:
+def _family(ipv4: bool, ipv6: bool) -> int | None:
+    if ipv4 and ipv6:
+        raise UsageError("-4 and -6 exclude each other: give one of them, or neither for both families")
+    return 4 if ipv4 else 6 if ipv6 else None
+
+
+def _metrics(_ctx, _param, value):
+    if value is None:
+        return None
+    from . import metrics
+    metrics.parse_spec(value)              # a bad spec is a usage error before anything loads
+    metrics.require_prometheus_client()
+    return value
+
+
+def build_filters(port, host, pid, netns_spec, family=None) -> probes.Filters:
     inode = None
     if netns_spec is not None:
         inode, _name = netns.resolve(netns_spec)
@@ -59,10 +74,11 @@ def build_filters(port, host, pid, netns_spec) -> probes.Filters:
         pid_ns = os.stat(f"/proc/{pid}/ns/net").st_ino
         if pid_ns != inode:
             raise UsageError(f"--pid {pid} is in network namespace {pid_ns}, not in --netns {netns_spec} ({inode})")
-    return probes.Filters(port=port, host=host, pid=pid, netns=inode)
+    return probes.Filters(port=port, host=host, pid=pid, netns=inode, family=family)
 
 
-def backend_option(help="Which probes: the design card's kprobes, or tracepoints for kernels without them."):
+def backend_option(help="Which probes to attach: kprobes on the routing and transmit functions, or "
+                         "tracepoints (for kernels without kprobes); auto picks what this kernel has."):
     return click.option("--backend", type=click.Choice(probes.BACKENDS), default="auto", show_default=True,
                         envvar="ROUTETRACE_BACKEND", help=help)
 
@@ -70,47 +86,71 @@ def backend_option(help="Which probes: the design card's kprobes, or tracepoints
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="routetrace")
 def cli():
-    """See which device the kernel's routing code picks for each local connection."""
+    """See which device Linux routing picks for each connection, from inside the kernel.
+
+    Connections to 127.0.0.1 and to the machine's own addresses both take a LOCAL route and
+    leave on lo; routetrace shows that per flow (route type, route device, what the FIB
+    answered, the device every packet was sent on) beside non-local traffic on its real device.
+
+    Live commands (watch, prove, bench --trace) need root and bcc (python3-bpfcc); report and
+    export read recorded traces without either. Mistakes print one line and exit 2.
+    Run 'routetrace doctor' to see what this machine offers.
+    """
 
 
 @cli.command()
-@click.option("--port", "-p", callback=_port, help="Only flows with this source or destination port.")
-@click.option("--host", callback=_host, help="Only flows with this IPv4 source or destination address.")
-@click.option("--pid", callback=_pid, help="Only flows started by this process (TGID).")
+@click.option("--pid", "-p", callback=_pid, metavar="PID",
+              help="Only flows started by this process (its PID, the thread group id).")
+@click.option("--port", "-P", callback=_port, metavar="PORT", help="Only flows with this source or destination port.")
+@click.option("--host", callback=_host, metavar="ADDR", help="Only flows with this source or destination address (IPv4 or IPv6).")
+@click.option("-4", "--ipv4", "ipv4", is_flag=True, help="Only IPv4 flows.")
+@click.option("-6", "--ipv6", "ipv6", is_flag=True, help="Only IPv6 flows.")
 @click.option("--netns", "netns_spec", metavar="NAME|PATH|INODE",
-              help="Only this network namespace; own addresses are taken from it.")
-@click.option("--json", "as_json", is_flag=True, help="JSON lines: one per new flow, then a summary.")
-@click.option("--duration", "-d", type=float, callback=_duration, help="Stop after SECONDS.")
-@click.option("--record", "-w", metavar="FILE", help="Also write the trace to FILE (JSON lines, see README).")
-@backend_option("kprobe: the design card's probes; tracepoint: for kernels without kprobes.")
+              help="Only this network namespace: a name under /run/netns, a path such as /proc/PID/ns/net, "
+                   "or its inode number. Its own addresses are the ones classified as own.")
+@click.option("--json", "-j", "as_json", is_flag=True, help="JSON lines: one per new flow, then a summary.")
+@click.option("--duration", "-d", type=float, callback=_duration, metavar="SECONDS", help="Stop after SECONDS.")
+@click.option("--record", "-w", metavar="FILE", help="Also write the trace to FILE (JSON lines; read it with report).")
+@click.option("--metrics", "metrics_spec", metavar="[ADDR:]PORT", callback=_metrics,
+              help="Serve Prometheus/OpenMetrics counters (packets and flows per route and device, losses) "
+                   "over HTTP on PORT, at 127.0.0.1 unless ADDR is given.")
+@backend_option()
 @click.option("--max-flows", type=click.IntRange(16, 1 << 22), default=probes.Limits.max_flows, show_default=True,
-              help="Kernel flow-map entries (two maps alternate): new flows per drain interval before "
-                   "packets are counted as lost.")
+              metavar="N", help="Kernel flow-map entries (two maps alternate): new flows per drain interval "
+                                "before packets are counted as lost.")
 @click.option("--keep-flows", type=click.IntRange(1, 1 << 24), default=DEFAULT_KEEP_FLOWS, show_default=True,
-              help="Flows kept as rows; past this the least recently active are folded into aggregates.")
+              metavar="N", help="Flows kept as rows; past this the least recently active are folded into "
+                                "aggregates (their packets still counted).")
 @click.option("--ring-pages", type=click.IntRange(1, 1 << 16), default=probes.Limits.ring_pages, show_default=True,
-              help="Pages of the new-flow notice ring (a power of two); a full ring delays streaming, never counts.")
-@click.option("--dry-run", is_flag=True, help="Print the attach plan and offsets; load nothing.")
-def watch(port, host, pid, netns_spec, as_json, duration, record, backend, max_flows, keep_flows, ring_pages,
-          dry_run):
+              metavar="N", help="Pages of the new-flow notice ring (a power of two); a full ring delays "
+                                "streaming, never counting.")
+@click.option("--dry-run", is_flag=True, help="Print the attach plan and struct offsets; load nothing.")
+def watch(pid, port, host, ipv4, ipv6, netns_spec, as_json, duration, record, metrics_spec, backend, max_flows,
+          keep_flows, ring_pages, dry_run):
     """Show the kernel's route decision for each new flow, live; summary and verdict at the end.
+
+    One line per new flow (process, addresses, route type and device, the FIB's answer, the
+    transmit device); on Ctrl-C, SIGTERM or after --duration, packets per device and the verdict.
+    Short options follow bcc's tools: -p PID, -P PORT, -4/-6, -j.
 
     \b
     Examples:
-      sudo routetrace watch --port 8888
-      sudo routetrace watch --netns blue --json --duration 10
+      sudo routetrace watch -P 8888
+      sudo routetrace watch --netns blue -j --duration 10
+      sudo routetrace watch --metrics 9464          # scrape http://127.0.0.1:9464/metrics
     """
     from .watch import watch as run_watch
     if ring_pages & (ring_pages - 1):
         raise UsageError(f"--ring-pages must be a power of two, not {ring_pages}")
-    filters = build_filters(port, host, pid, netns_spec)
+    filters = build_filters(port, host, pid, netns_spec, _family(ipv4, ipv6))
     limits = probes.Limits(max_flows=max_flows, ring_pages=ring_pages)
     if dry_run:
         facts = kernel.gather(prepare_headers=os.geteuid() == 0)
         click.echo(probes.choose(facts, filters, backend, limits).render())
         return
     plan, headers = _prepare("watch", filters, backend, limits)
-    run_watch(plan, headers, as_json=as_json, duration=duration, record=record, keep_flows=keep_flows)
+    run_watch(plan, headers, as_json=as_json, duration=duration, record=record, keep_flows=keep_flows,
+              metrics=metrics_spec)
 
 
 def _prepare(command: str, filters: probes.Filters, backend: str = "auto", limits: probes.Limits | None = None):
@@ -136,16 +176,18 @@ def _addresses(_ctx, param, values):
 
 
 @cli.command()
-@click.option("--port", "-p", callback=_port, default="8888", show_default=True, help="Port to connect to.")
+@click.option("--port", "-P", callback=_port, default="8888", show_default=True, metavar="PORT",
+              help="Port to connect to.")
 @click.option("--sandbox", is_flag=True,
               help="Run in a throwaway namespace with eth0 = 198.51.100.1/24 and a peer 198.51.100.2 as control.")
 @click.option("--to", "to", multiple=True, callback=_addresses, metavar="ADDR",
               help="Own address to test (repeatable); default: every IPv4 address on this host.")
 @click.option("--control", multiple=True, callback=_addresses, metavar="ADDR",
               help="A non-local destination that must leave on a real device (with a listener on --port).")
-@click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
+@click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True,
+              help="Protocol of the test connections.")
 @click.option("--closed", is_flag=True, help="Connect to a port nothing listens on: the SYN is answered by RST.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the table.")
+@click.option("--json", "-j", "as_json", is_flag=True, help="One JSON object instead of the table.")
 @click.option("--record", "-w", metavar="FILE", help="Also write the trace to FILE.")
 @backend_option()
 def prove(port, sandbox, to, control, proto, closed, as_json, record, backend):
@@ -170,10 +212,10 @@ def prove(port, sandbox, to, control, proto, closed, as_json, record, backend):
 @click.option("--to", "to", multiple=True, callback=_addresses, metavar="ADDR",
               help="Own address to compare with 127.0.0.1; default: the first IPv4 address on this host.")
 @click.option("--duration", "-d", type=float, default=1.0, show_default=True, callback=_duration,
-              help="Seconds per measurement slice.")
-@click.option("--rounds", "-r", type=click.IntRange(2, 100), default=5, show_default=True,
+              metavar="SECONDS", help="Seconds per measurement slice.")
+@click.option("--rounds", "-r", type=click.IntRange(2, 100), default=5, show_default=True, metavar="N",
               help="Interleaved rounds (each measures every target and metric once).")
-@click.option("--port", "-p", callback=_port, default="9100", show_default=True,
+@click.option("--port", "-P", callback=_port, default="9100", show_default=True, metavar="PORT",
               help="Base port: PORT echo, PORT+1 bulk sink, PORT+2 accept-close.")
 @click.option("--trace", "with_trace", is_flag=True,
               help="Also measure with routetrace's probes attached, and report their cost.")
@@ -259,7 +301,9 @@ def doctor():
     rows.append(("headers", f"{hdr.path} ({hdr.release})" if hdr else "none",
                  ("matches the running kernel" if hdr.matches else "not the running kernel's: offsets from BTF")
                  if hdr else "install linux-headers (scripts/setup)"))
-    rows.append(("bcc", facts.bcc_version or "missing", "" if facts.bcc_version else "apt install python3-bpfcc"))
+    bcc = facts.bcc_version        # found by importing it; where from: module path and Debian package
+    rows.append(("bcc", bcc or "missing (import bcc fails)",
+                 (bcc.origin() if hasattr(bcc, "origin") else "") if bcc else "apt install python3-bpfcc"))
     click.echo(tabulate(rows, headers=("CHECK", "FOUND", "NOTE")))
     problems = []
     if not facts.is_root:

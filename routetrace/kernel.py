@@ -120,13 +120,40 @@ def read_symbols(names, kallsyms: Path = Path("/proc/kallsyms")) -> dict[str, st
     return found
 
 
-def bcc_version() -> str | None:
+class BccVersion(str):
+    """bcc's version, as a string, that also says where bcc came from: `path` (the imported
+    module's folder) and `package` (the Debian package owning it, or None for pip/source)."""
+    path: str | None = None
+    package: str | None = None
+
+    def origin(self) -> str:
+        where = self.path or "?"
+        return f"{where} (Debian package {self.package})" if self.package else f"{where} (not from a Debian package)"
+
+
+def bcc_version() -> BccVersion | None:
+    """bcc's version when `import bcc` works (the library loads too), else None."""
     try:
-        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "python3-bpfcc"],
-                             capture_output=True, text=True, check=False)
-    except OSError:
+        import bcc  # noqa: PLC0415 - only to ask; tracer.py is where it is used
+    except Exception:    # ImportError, or OSError when libbcc itself cannot be loaded
         return None
-    return out.stdout.split("+")[0].split("-")[0] or None if out.returncode == 0 else None
+    path = os.path.dirname(getattr(bcc, "__file__", None) or "") or None
+    package, package_version = None, None
+    if path:
+        try:
+            owner = subprocess.run(["dpkg-query", "-S", os.path.join(path, "__init__.py")],
+                                   capture_output=True, text=True, check=False, timeout=10)
+            if owner.returncode == 0 and ":" in owner.stdout:
+                package = owner.stdout.split(":", 1)[0].strip()
+                ver = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package],
+                                     capture_output=True, text=True, check=False, timeout=10)
+                package_version = ver.stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    version = getattr(bcc, "__version__", None) or package_version or "unknown version"
+    info = BccVersion(str(version))
+    info.path, info.package = path, package
+    return info
 
 
 def _has_headers(path: Path) -> bool:

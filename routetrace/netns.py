@@ -1,6 +1,7 @@
 """Network namespaces: resolve --netns, and learn each namespace's own addresses."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -15,16 +16,67 @@ def current_inode() -> int:
     return os.stat("/proc/self/ns/net").st_ino
 
 
+# ioctl(NS_GET_NSTYPE) on an nsfs file answers its namespace type as a CLONE_NEW* flag (4.11+).
+NS_GET_NSTYPE = 0xB703                      # _IO(0xb7, 0x3)
+CLONE_NEWNET = 0x40000000
+NS_TYPES = {0x00020000: "mount", 0x02000000: "cgroup", 0x04000000: "uts", 0x08000000: "ipc",
+            0x10000000: "user", 0x20000000: "pid", CLONE_NEWNET: "network", 0x00000080: "time"}
+
+
 def resolve(spec: str) -> tuple[int, str | None]:
-    """--netns NAME | PATH | INODE -> (inode, name when it has one under /run/netns)."""
+    """--netns NAME | PATH | INODE -> (inode, name when it has one under /run/netns). Only real
+    network namespaces pass: a path must be an nsfs file of type net, an inode must be the
+    namespace of some process or of a /run/netns entry; anything else is a UsageError."""
     if spec.isdigit():
-        return int(spec), name_of(int(spec))
-    path = Path(spec) if "/" in spec else NETNS_RUN_DIR / spec
-    try:
-        inode = path.stat().st_ino
-    except OSError:
-        raise UsageError(f"unknown network namespace {spec!r} (not a name under {NETNS_RUN_DIR}, a path or an inode)")
+        inode = int(spec)
+        if not _exists(inode):
+            hint = "" if os.geteuid() == 0 else "; as root, every process's namespace can be seen"
+            raise UsageError(f"--netns {spec}: no network namespace has inode {spec} "
+                             f"(no process is in one, and no entry under {NETNS_RUN_DIR} holds one{hint})")
+        return inode, name_of(inode)
+    if "/" in spec:
+        path = Path(spec)
+    else:
+        path = NETNS_RUN_DIR / spec
+        if not path.exists():
+            raise UsageError(f"unknown network namespace {spec!r} "
+                             f"(not a name under {NETNS_RUN_DIR}, a path or an inode)")
+    inode = _net_namespace_inode(path, spec)
     return inode, name_of(inode)
+
+
+def _net_namespace_inode(path: Path, spec: str) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UsageError(f"--netns {spec}: no such file (give a name under {NETNS_RUN_DIR}, "
+                         "a path such as /proc/PID/ns/net, or an inode)") from None
+    except OSError as exc:
+        raise UsageError(f"--netns {spec}: cannot open it: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        try:
+            nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError:
+            # ENOTTY: not a namespace file. Kernels before 4.11 lack the ioctl: there, a file on
+            # the same nsfs as our own network namespace is one (of some type) — accept it.
+            nstype = CLONE_NEWNET if st.st_dev == os.stat("/proc/self/ns/net").st_dev else None
+    finally:
+        os.close(fd)
+    if nstype is None:
+        raise UsageError(f"--netns {spec} is not a network namespace "
+                         f"(a path must be one, such as {NETNS_RUN_DIR}/NAME or /proc/PID/ns/net)")
+    if nstype != CLONE_NEWNET:
+        raise UsageError(f"--netns {spec} is a {NS_TYPES.get(nstype, 'non-network')} namespace, "
+                         "not a network namespace")
+    return st.st_ino
+
+
+def _exists(inode: int) -> bool:
+    """Some process is in that network namespace, or a /run/netns entry holds it."""
+    if inode == current_inode() or name_of(inode) is not None:
+        return True
+    return _pid_in(inode) is not None
 
 
 def name_of(inode: int) -> str | None:

@@ -2,6 +2,7 @@
 is loaded, so it can be printed (`doctor`, `--dry-run`) and explained."""
 from __future__ import annotations
 
+import importlib.resources
 import ipaddress
 import os
 import struct
@@ -13,7 +14,8 @@ from .errors import EnvironmentProblem, UsageError
 from .kernel import KernelFacts
 from .offsets import Offset, cflags as offset_cflags, resolve as resolve_offsets
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+# bpf/ in the repository, installed as the package routetrace.bpf (checkout, wheel and .deb alike).
+BPF_DIR = Path(str(importlib.resources.files("routetrace.bpf")))
 
 BACKENDS = ("auto", "kprobe", "tracepoint")
 ROUTE_FUNCTION = "ip_route_output_key_hash"

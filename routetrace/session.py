@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import netns
-from .events import Flow, LossCounters
-from .flows import DEFAULT_KEEP_FLOWS, FlowTable, Verdict, verdict
+from .events import Flow, LossCounters, devices_of
+from .flows import DEFAULT_KEEP_FLOWS, FlowTable, Verdict, classify, verdict
 from .probes import AttachPlan
 from .record import TraceWriter
 from .tracer import Tracer
@@ -67,6 +67,8 @@ class Session:
         self._dirty_aggregates: set = set()
         self._losses = LossCounters()
         self.received = 0                 # packets drained from the kernel: table.packets must equal it
+        self.serve_metrics = False
+        self._metrics: list = []
         self.on_loss: Callable[[LossCounters], None] | None = None
 
     # ---- recording ------------------------------------------------------------------------
@@ -156,6 +158,8 @@ class Session:
             new += self._take_notices(0)
             new += self._take_counts()
             self._check_losses()
+            if self.serve_metrics:
+                self._snapshot_metrics()
         for flow in new:
             self.own(flow.netns)
         self._record()
@@ -192,7 +196,31 @@ class Session:
             result.recording_error = self.recorder.error
         return result, new
 
-    # ---- what a metrics endpoint reads ----------------------------------------------------
+    # ---- what a metrics endpoint reads (from its own thread: snapshots, made by the loop) ----
+
+    METRIC_LABELS = ("netns", "family", "route_type", "route_dev", "xmit_dev", "dest_kind")
+
+    def _snapshot_metrics(self) -> None:
+        totals: dict[tuple, list[int]] = {}
+
+        def add(labels: tuple, packets: int, flows: int) -> None:
+            slot = totals.setdefault(labels, [0, 0])
+            slot[0] += packets
+            slot[1] += flows
+
+        for f in self.table:
+            kind = classify(f.daddr, self.own(f.netns))
+            for d in devices_of(f):
+                add((str(f.netns), str(f.family), f.route_type or "-", f.route_dev or "-", d["name"], kind),
+                    d["packets"], 1)
+        for a in self.table.aggregates.values():
+            k = a.key
+            add((str(k.netns), str(k.family), k.route_type, k.route_dev, k.dev, classify(k.daddr, self.own(k.netns))),
+                a.packets, a.flows)
+        self._metrics = [(dict(zip(self.METRIC_LABELS, labels)), p, n) for labels, (p, n) in totals.items()]
+
+    def metric_totals(self):
+        return list(self._metrics)
 
     def loss_totals(self) -> dict[str, int]:
         return {k: v for k, v in self._losses.to_dict().items() if isinstance(v, int)}

@@ -8,6 +8,7 @@ from typing import TextIO
 
 from .probes import AttachPlan
 from .record import TraceWriter
+from . import metrics as metrics_mod
 from .flows import DEFAULT_KEEP_FLOWS
 from .render import (STREAM_HEADER, clock_offset_ns, json_line, loss_object, losses_line, stream_line,
                      summary_object, summary_text)
@@ -38,8 +39,12 @@ def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: fl
         write((json_line(loss_object(losses)) if as_json else f"LOST     {losses_line(losses)}") + "\n")
 
     try:
-        with Session(plan, headers_path, recorder, keep_flows=keep_flows or DEFAULT_KEEP_FLOWS) as session:
+        with Session(plan, headers_path, recorder, keep_flows=keep_flows or DEFAULT_KEEP_FLOWS) as session, \
+                metrics_mod.serving(metrics, session, info={"backend": plan.backend}) as server:
             session.on_loss = lost
+            session.serve_metrics = server is not None
+            if server is not None:
+                print(f"Serving metrics at {metrics_mod.url(server)}", file=err, flush=True)
             print(f"Tracing route decisions ({plan.backend} plan, {plan.reasons[0]}; filters: {plan.filters.text()})... "
                   f"{'Hit Ctrl-C to end.' if duration is None else f'for {duration:g}s.'}",
                   file=err if as_json else out, flush=True)

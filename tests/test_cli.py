@@ -30,7 +30,7 @@ def test_bad_port(capsys, port):
 
 def test_bad_host_duration_pid(capsys):
     code, _, err = run(capsys, "watch", "--host", "example.org")
-    assert code == 2 and "--host must be an IPv4 address" in one_line_error(err)
+    assert code == 2 and "--host must be an IPv4 or IPv6 address" in one_line_error(err)
     code, _, err = run(capsys, "watch", "--duration", "0")
     assert code == 2 and "--duration must be positive" in one_line_error(err)
     code, _, err = run(capsys, "watch", "--pid", "999999999")
@@ -51,11 +51,21 @@ def test_unknown_namespace(capsys):
     assert one_line_error(err).startswith("routetrace: unknown network namespace 'no-such-ns-routetrace'")
 
 
-def test_pid_outside_the_requested_namespace_conflicts(capsys, tmp_path):
-    other = tmp_path / "not-my-netns"
-    other.write_text("")     # any file: its inode is not this process's namespace
-    code, _, err = run(capsys, "watch", "--pid", str(os.getpid()), "--netns", str(other))
-    assert code == 2 and "is in network namespace" in one_line_error(err)
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a network namespace needs root")
+def test_pid_outside_the_requested_namespace_conflicts(capsys):
+    # --netns must be a real network namespace: another one, held by a child in its own.
+    child = subprocess.Popen(["unshare", "--net", "sleep", "60"])
+    try:
+        other = f"/proc/{child.pid}/ns/net"
+        for _ in range(100):        # until unshare has made the namespace
+            if os.stat(other).st_ino != os.stat("/proc/self/ns/net").st_ino:
+                break
+            __import__("time").sleep(0.05)
+        code, _, err = run(capsys, "watch", "--pid", str(os.getpid()), "--netns", other)
+        assert code == 2 and "is in network namespace" in one_line_error(err)
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_not_root(capsys, monkeypatch):
