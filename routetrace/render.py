@@ -102,6 +102,10 @@ def summary_text(flows: list[Flow], v: Verdict, losses: LossCounters | None,
     parts = ["", flow_table(flows, own_addresses)]
     if aggregates:
         parts += ["", "folded flows, by destination and device:", aggregate_table(aggregates, own_addresses)]
+    mapped = [f for f in flows if f.extra.get("v4_mapped_socket")]
+    if mapped:
+        parts += ["", f"note: {len(mapped)} flows came from IPv6 sockets to IPv4-mapped addresses "
+                      f"(::ffff:a.b.c.d); the kernel routed them as IPv4, and they are shown as it did."]
     parts += ["", verdict_table(v), "", f"verdict: {text(v.text)}"]
     if table is not None:
         parts.append(accounting_line(table))
