@@ -10,7 +10,7 @@ import sys
 import click
 from tabulate import tabulate
 
-from . import __version__, kernel, netns, probes
+from . import __version__, kernel, netns, probes, sanitize
 from .errors import EnvironmentProblem, RoutetraceError, UsageError
 from .flows import DEFAULT_KEEP_FLOWS
 
@@ -330,12 +330,13 @@ def main(argv=None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
     except click.ClickException as exc:
-        click.echo(f"routetrace: {exc.format_message()}", err=True)
+        click.echo(f"routetrace: {sanitize.text(exc.format_message())}", err=True)
         return 2
     except click.exceptions.Abort:
         return 130
     except RoutetraceError as exc:
-        click.echo(f"routetrace: {exc}", err=True)
+        # Messages quote what the user or the kernel gave (paths, names): shown, never obeyed.
+        click.echo(f"routetrace: {sanitize.text(str(exc))}", err=True)
         return exc.exit_code
     except BrokenPipeError:
         return 0

@@ -113,7 +113,7 @@ def summary_text(flows: list[Flow], v: Verdict, losses: LossCounters | None,
     return "\n".join(parts)
 
 
-def summary_object(flows: list[Flow], v: Verdict, losses: LossCounters, table=None) -> dict:
+def summary_object(flows: list[Flow], v: Verdict, losses: LossCounters, table=None, programs=()) -> dict:
     out = {
         "type": "summary",
         "flows": [f.to_dict() for f in flows],
@@ -128,6 +128,10 @@ def summary_object(flows: list[Flow], v: Verdict, losses: LossCounters, table=No
         out["accounted"] = {"packets": table.packets, "flows": table.seen, "folded": table.folded,
                             "table_limit": table.limit}
         out["aggregates"] = [a.to_dict() for a in table.aggregates.values()]
+    if programs:
+        # The kernel's own accounting (run_time_ns needs sysctl kernel.bpf_stats_enabled=1).
+        out["programs"] = [{"name": p.name, "run_cnt": p.run_cnt, "run_time_ns": p.run_time_ns,
+                            "recursion_misses": p.recursion_misses} for p in programs]
     return out
 
 

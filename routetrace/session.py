@@ -48,6 +48,7 @@ class TraceResult:
     own: OwnAddresses = field(repr=False, default_factory=OwnAddresses)
     table: FlowTable | None = field(repr=False, default=None)
     recording_error: str | None = None
+    programs: list = field(default_factory=list)   # tracer.ProgramStats of each BPF program
 
 
 class Session:
@@ -189,7 +190,7 @@ class Session:
         losses = self._losses
         flows = list(self.table)
         result = TraceResult(flows, verdict(flows, self.own, self.table.aggregates.values()), losses,
-                             self.own, self.table)
+                             self.own, self.table, programs=self._tracer.program_stats())
         if self.recorder:
             self._record(force=True)
             self.recorder.trailer(losses, flows=self.table.seen, folded=self.table.folded)

@@ -68,7 +68,7 @@ def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: fl
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if as_json:
-        print(json_line(summary_object(result.flows, result.verdict, result.losses, result.table)), file=out, flush=True)
+        print(json_line(summary_object(result.flows, result.verdict, result.losses, result.table, result.programs)), file=out, flush=True)
     else:
         print(summary_text(result.flows, result.verdict, result.losses, result.own, result.table), file=out, flush=True)
     return result

@@ -1,0 +1,143 @@
+"""scripts/bench-scale: the storm cases of the accounting benchmark (see that script)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from tabulate import tabulate
+
+from routetrace.experiment import Sandbox
+
+STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
+CASES = [  # name, flows, packets per flow, storm processes, extra watch flags
+    ("1e4 flows x 1", 10_000, 1, 1, []),
+    ("1e5 flows x 1", 100_000, 1, 2, []),
+    ("1e6 flows x 1", 1_000_000, 1, 2, []),
+    ("3e4 flows x 3", 30_000, 3, 1, []),
+    ("1e3 flows x 1e3", 1_000, 1_000, 2, []),
+    ("1e5 x 1, --max-flows 1024", 100_000, 1, 2, ["--max-flows", "1024"]),
+]
+QUICK = {"1e4 flows x 1", "3e4 flows x 3", "1e5 x 1, --max-flows 1024"}
+
+
+def handed(ns: str) -> int:
+    """Packets the namespace's devices were handed (see tests/test_accounting_bpf.py)."""
+    data = json.loads(subprocess.run(["ip", "-n", ns, "-j", "-s", "link"], capture_output=True, text=True,
+                                     check=True).stdout)
+    return sum(link["stats64"]["tx"]["packets"] + link["stats64"]["tx"]["dropped"]
+               + (link["stats64"]["rx"]["dropped"] if link.get("link_type") == "loopback" else 0) for link in data)
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) // 1024
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_case(name, flows, per_flow, procs, extra) -> dict:
+    with Sandbox() as sb, tempfile.TemporaryFile() as out:
+        subprocess.run(["ip", "netns", "exec", sb.host, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"], check=True)
+        subprocess.run(["ip", "netns", "exec", sb.host, sys.executable, "-c",
+                        f"import socket, time; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'w', "
+                        f"('{sb.peer_addr}', 9)); time.sleep(0.3)"], check=True)
+        watch = subprocess.Popen([sys.executable, "-m", "routetrace", "watch", "--netns", sb.host, "--json", *extra],
+                                 stdout=out, stderr=subprocess.PIPE, text=True)
+        head = watch.stderr.readline()
+        if "Tracing" not in head:
+            raise SystemExit(f"watch did not start: {head}{watch.stderr.read()}")
+        err_lines: list[str] = []
+        threading.Thread(target=lambda: err_lines.extend(watch.stderr), daemon=True).start()
+        attached = proc_status(watch.pid)
+        cpu0 = cpu_seconds(watch.pid)
+        before = handed(sb.host)
+        per_proc = flows // procs
+        start = time.perf_counter()
+        storms = [subprocess.Popen(["ip", "netns", "exec", sb.host, sys.executable, "-m", "routetrace.storm",
+                                    sb.peer_addr, str(per_proc), "--packets", str(per_flow),
+                                    "--base-port", str(1024 + i * 30000 if procs > 1 else 20000),
+                                    "--sockets", str(max(1, per_proc // 25000))], stdout=subprocess.PIPE, text=True)
+                  for i in range(procs)]
+        sent = [json.loads(p.communicate()[0]) for p in storms]
+        storm_s = time.perf_counter() - start
+        time.sleep(2)
+        after = handed(sb.host)
+        peak = proc_status(watch.pid)
+        cpu1 = cpu_seconds(watch.pid)
+        watch.send_signal(signal.SIGINT)
+        watch.wait(timeout=600)
+        out.seek(0)
+        last = b""
+        streamed = 0
+        for line in out:
+            if line.startswith(b'{"type":"flow"'):
+                streamed += 1
+            last = line
+        summary = json.loads(last)
+    lost, acc = summary["lost"], summary["accounted"]
+    programs = {p["name"]: p for p in summary.get("programs", [])}
+    xmit = next((p for n, p in programs.items() if "xmit" in n or "net_dev_queue" in n), None)
+    fib = programs.get("raw_tracepoint__fib_table_lookup")
+    offered = sum(s["sent"] for s in sent)
+    return {
+        "case": name, "new_flows_per_s": flows / storm_s, "packets_offered": offered,
+        "packets_handed_to_devices": after - before, "accounted": acc["packets"],
+        "lost": lost["packets_lost"], "undecoded": lost["undecoded"],
+        "unexplained": (after - before) - acc["packets"] - lost["packets_lost"] - lost["undecoded"],
+        "notices_dropped": lost["events_dropped"], "flows": acc["flows"], "folded": acc["folded"],
+        "streamed": streamed,
+        "ns_per_packet": xmit["run_time_ns"] / xmit["run_cnt"] if xmit and xmit["run_cnt"] else None,
+        "ns_per_fib_lookup": fib["run_time_ns"] / fib["run_cnt"] if fib and fib["run_cnt"] else None,
+        "user_cpu_s": cpu1 - cpu0, "rss_attached_mb": attached.get("VmRSS"), "rss_peak_mb": peak.get("VmHWM"),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="bench-scale")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--case", action="append", help="run only cases whose name contains this")
+    args = ap.parse_args()
+    previous = STATS_SYSCTL.read_text().strip()
+    STATS_SYSCTL.write_text("1")
+    rows = []
+    try:
+        for name, flows, per, procs, extra in CASES:
+            if args.quick and name not in QUICK or args.case and not any(c in name for c in args.case):
+                continue
+            r = run_case(name, flows, per, procs, extra)
+            rows.append(r)
+            print(json.dumps(r) if args.json else f"{name}: done", file=sys.stdout if args.json else sys.stderr,
+                  flush=True)
+    finally:
+        STATS_SYSCTL.write_text(previous)
+    if not args.json:
+        def f(v, spec="{:.0f}"):
+            return "-" if v is None else spec.format(v)
+        print(tabulate([(r["case"], f(r["new_flows_per_s"]), r["packets_offered"], r["packets_handed_to_devices"],
+                         r["accounted"], r["lost"], r["unexplained"], r["notices_dropped"], r["streamed"],
+                         f(r["ns_per_packet"]), f(r["ns_per_fib_lookup"]), f(r["user_cpu_s"], "{:.1f}"),
+                         f"{r['rss_attached_mb']}/{r['rss_peak_mb']}") for r in rows],
+                       headers=("CASE", "NEW FLOWS/S", "OFFERED", "HANDED", "ACCOUNTED", "LOST", "UNEXPLAINED",
+                                "NOTICES DROPPED", "STREAMED", "NS/PKT", "NS/FIB", "CPU S", "RSS MB (attached/peak)"),
+                       disable_numparse=True))
+    return 1 if any(r["unexplained"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
