@@ -6,6 +6,7 @@ import ipaddress
 import socket
 import struct
 from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
 
 from .sanitize import kernel_string
 
@@ -27,8 +28,8 @@ def ipv4(be_u32: int) -> str:
 
 
 
-@dataclass(frozen=True, order=True)
-class FlowKey:
+class FlowKey(NamedTuple):
+    """A flow's identity (a tuple: cheap to build and hash, a storm builds many)."""
     netns: int
     proto: str
     saddr: str
@@ -76,12 +77,24 @@ class Flow:
 
     @property
     def key(self) -> FlowKey:
-        return FlowKey(self.netns, self.proto, self.saddr, self.sport, self.daddr, self.dport)
+        # Computed once: the identifying fields never change after a flow is made.
+        key = self.__dict__.get("_key")
+        if key is None:
+            key = self.__dict__["_key"] = FlowKey(self.netns, self.proto, self.saddr, self.sport, self.daddr,
+                                                  self.dport)
+        return key
 
     def to_dict(self) -> dict:
-        out = {"type": "flow", **asdict(self)}
-        extra = out.pop("extra")
-        return {**out, **{k: v for k, v in extra.items() if k not in out}}
+        # By hand rather than asdict(), which deep-copies field by field: a storm streams
+        # hundreds of thousands of these.
+        out = {"type": "flow"}
+        for name in _FLOW_FIELDS:
+            out[name] = getattr(self, name)
+        out["xmit_devs"] = dict(self.xmit_devs)
+        out["devices"] = [dict(d) for d in self.devices]
+        for k, v in self.extra.items():
+            out.setdefault(k, v)
+        return out
 
     @classmethod
     def field_types(cls) -> dict[str, str]:
@@ -95,6 +108,9 @@ VALUE_STRUCT = struct.Struct("=QQQQQIIIIHBBI16s16s16s16s")
 ROUTE_SOURCES = {0: None, 1: "packet", 2: "socket", 3: "lookup"}
 FLOW_HAS_FIB, FLOW_ROUTE_LOOPBACK, FLOW_DEV_LOOPBACK, FLOW_V4_MAPPED_SOCKET, FLOW_CONTINUED = 1, 2, 4, 8, 16
 PROTOCOLS_BY_FAMILY = {**PROTOCOLS, socket.IPPROTO_ICMPV6: "icmp6"}
+
+
+_FLOW_FIELDS = tuple(f.name for f in fields(Flow) if f.name != "extra")
 
 
 def address(family: int, raw: bytes) -> str:
@@ -134,6 +150,22 @@ def decode_entry(key: bytes, value: bytes, backend: str) -> tuple[Flow, bool]:
     if flags & FLOW_V4_MAPPED_SOCKET:
         flow.extra["v4_mapped_socket"] = True
     return flow, bool(flags & FLOW_CONTINUED)
+
+
+_COUNTS = struct.Struct("=QQQQ")           # the first four members of struct flow_value
+
+
+def entry_key(key: bytes) -> tuple[FlowKey, int, bool]:
+    """Just the identity of a kernel entry: (flow key, transmit ifindex, continued is unknown
+    here). Cheaper than decode_entry for the common case of a flow already known."""
+    netns, ifindex, saddr, daddr, sport, dport, proto, family, _ = KEY_STRUCT.unpack(key)
+    return FlowKey(netns, PROTOCOLS_BY_FAMILY.get(proto, str(proto)), address(family, saddr), sport,
+                   address(family, daddr), dport), ifindex
+
+
+def entry_counts(value: bytes) -> tuple[int, int, int, int]:
+    """(packets, bytes, segments, fragments) of a kernel entry."""
+    return _COUNTS.unpack_from(value)
 
 
 def merge_into(flow: Flow, part: Flow, now_ns: int | None = None) -> None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, NamedTuple
 
 from .events import Flow, FlowKey, devices_of, merge_into
 
@@ -22,8 +22,7 @@ def classify(daddr: str, own_addresses: set[str]) -> str:
     return OWN if daddr in own_addresses else OTHER
 
 
-@dataclass(frozen=True, order=True)
-class AggregateKey:
+class AggregateKey(NamedTuple):
     """What a folded flow is remembered by: (namespace, protocol, destination, route type,
     route device, transmit device by identity)."""
     netns: int
@@ -47,12 +46,12 @@ class Aggregate:
     fib_dev: str | None = None
 
     def to_dict(self) -> dict:
-        return {"type": "aggregate", **asdict(self.key), "flows": self.flows, "packets": self.packets,
+        return {"type": "aggregate", **self.key._asdict(), "flows": self.flows, "packets": self.packets,
                 "segments": self.segments, "bytes": self.bytes, "fib_dev": self.fib_dev}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Aggregate":
-        key = AggregateKey(**{f: d[f] for f in AggregateKey.__dataclass_fields__})
+        key = AggregateKey(**{f: d[f] for f in AggregateKey._fields})
         return cls(key, d["flows"], d["packets"], d["segments"], d["bytes"], d.get("fib_dev"))
 
 
@@ -93,6 +92,31 @@ class FlowTable:
         if flow.key in self._flows or (self.folded and hash(flow.key) in self._recent_folds):
             return False
         return self.update(flow)
+
+    def add_counts(self, key: FlowKey, ifindex: int, counts: tuple[int, int, int, int], now_ns: int) -> bool:
+        """The fast path of a drain: counts for a device the flow already has. False when the
+        flow or the device is new to the table (then `add` with the decoded entry)."""
+        flow = self._flows.get(key)
+        if flow is None:
+            return False
+        for dev in flow.devices:
+            if dev["ifindex"] == ifindex:
+                break
+        else:
+            return False
+        packets, nbytes, segments, fragments = counts
+        dev["packets"] += packets
+        dev["bytes"] += nbytes
+        dev["segments"] += segments
+        flow.packets += packets
+        flow.bytes += nbytes
+        flow.segments += segments
+        flow.fragments += fragments
+        if packets:
+            flow.xmit_devs[dev["name"]] = flow.xmit_devs.get(dev["name"], 0) + packets
+            flow.last_ns = max(flow.last_ns, now_ns)
+            self._flows.move_to_end(key)
+        return True
 
     def add(self, part: Flow, continued: bool, now_ns: int) -> Flow | None:
         """Counts of one drained (flow, device) entry. Returns the flow when it is new to the

@@ -66,7 +66,7 @@ def filters_text(described: dict) -> str:
 class Limits:
     """Sizes of what the kernel keeps; `doctor` and every summary name them."""
     max_flows: int = 65536         # entries per flow map (two maps alternate, see bpf/common.c)
-    ring_pages: int = 1024         # new-flow notice ring: 4 MiB, ~23,000 notices between reads
+    ring_pages: int = 2048         # new-flow notice ring: 8 MiB, ~45,000 notices between reads
 
     def cflags(self) -> list[str]:
         return [f"-DMAX_FLOWS={self.max_flows}", f"-DRING_PAGES={self.ring_pages}"]

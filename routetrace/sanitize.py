@@ -6,6 +6,7 @@ ensure_ascii, every non-ASCII character); CSV cells also pass through `csv_cell(
 """
 from __future__ import annotations
 
+import functools
 import unicodedata
 
 # OWASP "CSV injection": a cell starting with one of these is a formula to a spreadsheet.
@@ -47,10 +48,12 @@ def text(value) -> str:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=4096)
 def kernel_string(raw: bytes) -> str:
     """A NUL-terminated kernel char array (comm, ifname) as text that keeps every byte: valid
-    UTF-8 stays readable, any other byte becomes the text \\xNN; `text()` at output does the rest."""
-    return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+    UTF-8 stays readable, any other byte becomes the text \\xNN; `text()` at output does the rest.
+    Cached: a storm repeats the same few names hundreds of thousands of times."""
+    return raw.partition(b"\0")[0].decode("utf-8", "backslashreplace")
 
 
 def csv_cell(value):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import netns
-from .events import Flow, LossCounters, devices_of
+from .events import Flow, LossCounters, decode_entry, devices_of, entry_counts, entry_key
 from .flows import DEFAULT_KEEP_FLOWS, FlowTable, Verdict, classify, verdict
 from .probes import AttachPlan
 from .record import TraceWriter
@@ -131,8 +131,15 @@ class Session:
         now = time.monotonic_ns()
         new = []
         before = len(self.table.aggregates), self.table.folded
-        for part, continued in self._tracer.drain(final=final):
-            self.received += part.packets
+        for raw_key, raw_value in self._tracer.drain(final=final):
+            key, ifindex = entry_key(raw_key)
+            counts = entry_counts(raw_value)
+            self.received += counts[0]
+            if self.table.add_counts(key, ifindex, counts, now):
+                if self.recorder:
+                    self._dirty[key] = self.table.get(key)
+                continue
+            part, continued = decode_entry(raw_key, raw_value, self.plan.backend)
             flow = self.table.add(part, continued, now)
             if flow is not None:
                 new.append(flow)

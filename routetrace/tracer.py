@@ -27,6 +27,8 @@ _BPF_OBJ_GET_INFO_BY_FD = 15
 _PROG_INFO_SIZE = 256
 _RUN_TIME_NS, _RUN_CNT, _RECURSION_MISSES = 192, 200, 208
 
+POLL_BUDGET = 4096
+
 STAT_EVENTS_DROPPED, STAT_LOST_PACKETS, STAT_LOST_BYTES, STAT_UNDECODED, STAT_CREATED_0, STAT_CREATED_1 = range(6)
 
 
@@ -80,6 +82,7 @@ class Tracer:
         self.headers_path = headers_path
         self._bpf = None
         self._pending: list[Flow] = []
+        self._behind = False
         self._epoch = 0
         self._created_base = [0, 0]
         self._buffers = None
@@ -147,18 +150,28 @@ class Tracer:
 
     # ---- new flows, promptly ---------------------------------------------------------------
 
-    def _on_new_flow(self, _ctx, data, size) -> None:
+    def _on_new_flow(self, _ctx, data, size) -> int:
         raw = ctypes.string_at(data, size)
         flow, _continued = decode_entry(raw[:KEY_STRUCT.size], raw[KEY_STRUCT.size:KEY_STRUCT.size + VALUE_STRUCT.size],
                                         self.plan.backend)
         self._pending.append(flow)
+        # libbpf keeps reading while the kernel keeps writing: past the budget, a negative return
+        # ends this poll (the record is consumed and kept), so the caller gets to drain the maps.
+        return -1 if len(self._pending) >= POLL_BUDGET else 0
 
     def poll(self, timeout_ms: int = 200) -> list[Flow]:
-        """Notices of new flows since the last call (no counts: those come from drain())."""
+        """Notices of new flows since the last call, at most POLL_BUDGET (no counts: those come
+        from drain())."""
         if self._table(b"new_flows") is None:
             return []
-        self._bpf.ring_buffer_poll(timeout_ms)
+        if self._behind:
+            # Stopped at the budget last time: records are waiting, and the kernel wakes a reader
+            # only when it had caught up. Waiting in epoll now would sleep the whole timeout.
+            self._bpf.ring_buffer_consume()
+        else:
+            self._bpf.ring_buffer_poll(timeout_ms)
         out, self._pending = self._pending, []
+        self._behind = len(out) >= POLL_BUDGET
         return out
 
     # ---- counts, exactly -------------------------------------------------------------------
@@ -202,10 +215,11 @@ class Tracer:
         kraw, vraw = keys.raw, values.raw
         return [(kraw[i * ksize:(i + 1) * ksize], vraw[i * vsize:(i + 1) * vsize]) for i in range(total)]
 
-    def drain(self, final: bool = False) -> list[tuple[Flow, bool]]:
-        """Counts since the last drain, per (flow, device) entry, with the kernel's "continued"
-        mark. Empties the map not in use, then flips to it. final=True also empties the other
-        one (after a short grace for programs still running): nothing counted stays behind."""
+    def drain(self, final: bool = False) -> list[tuple[bytes, bytes]]:
+        """Counts since the last drain: the raw (flow_key, flow_value) of every entry (decode
+        them with events.entry_key/entry_counts/decode_entry). Empties the map not in use, then
+        flips to it. final=True also empties the other one (after a short grace for programs
+        still running): nothing counted stays behind."""
         import time
         parts = self._drain_one(1 - self._epoch)
         self._flip()
@@ -214,12 +228,12 @@ class Tracer:
             parts += self._drain_one(1 - self._epoch)
         return parts
 
-    def _drain_one(self, epoch: int) -> list[tuple[Flow, bool]]:
+    def _drain_one(self, epoch: int) -> list[tuple[bytes, bytes]]:
         table = self._bpf[b"flows1" if epoch else b"flows0"]
         entries = self._drain_map(table)
         # Everything made in that map until now is gone with the drain.
         self._created_base[epoch] = self._stat(STAT_CREATED_1 if epoch else STAT_CREATED_0)
-        return [decode_entry(k, v, self.plan.backend) for k, v in entries]
+        return entries
 
     def _flip(self) -> None:
         control = self._bpf[b"control"]

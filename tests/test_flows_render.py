@@ -1,4 +1,5 @@
 """Flows, classification, verdict and views, fed with a real trace recorded on this machine."""
+import dataclasses
 import json
 import pytest
 
@@ -131,10 +132,9 @@ def test_flow_table_keeps_the_newest_snapshot_and_never_goes_backwards(recorded)
     table = FlowTable()
     first = flows[0]
     assert table.update(first) is True
-    later = Flow(**{**first.__dict__, "packets": first.packets + 3, "xmit_devs": {"lo": first.packets + 3},
-                    "devices": []})
+    later = dataclasses.replace(first, packets=first.packets + 3, xmit_devs={"lo": first.packets + 3}, devices=[])
     assert table.update(later) is False
-    stale = Flow(**{**first.__dict__, "packets": 0, "xmit_devs": {}})
+    stale = dataclasses.replace(first, packets=0, xmit_devs={})
     table.update(stale)
     (only,) = list(table)
     assert only.packets == first.packets + 3

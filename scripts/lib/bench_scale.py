@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -51,13 +50,23 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run_case(name, flows, per_flow, procs, extra) -> dict:
-    with Sandbox() as sb, tempfile.TemporaryFile() as out:
+    with Sandbox() as sb:
         subprocess.run(["ip", "netns", "exec", sb.host, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"], check=True)
         subprocess.run(["ip", "netns", "exec", sb.host, sys.executable, "-c",
                         f"import socket, time; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'w', "
                         f"('{sb.peer_addr}', 9)); time.sleep(0.3)"], check=True)
         watch = subprocess.Popen([sys.executable, "-m", "routetrace", "watch", "--netns", sb.host, "--json", *extra],
-                                 stdout=out, stderr=subprocess.PIPE, text=True)
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        counted = {"streamed": 0, "last": ""}
+
+        def consume():
+            # A consumer that keeps up, as a terminal or `| jq` would.
+            for line in watch.stdout:
+                if line.startswith('{"type":"flow"'):
+                    counted["streamed"] += 1
+                counted["last"] = line
+        reader = threading.Thread(target=consume, daemon=True)
+        reader.start()
         head = watch.stderr.readline()
         if "Tracing" not in head:
             raise SystemExit(f"watch did not start: {head}{watch.stderr.read()}")
@@ -81,14 +90,9 @@ def run_case(name, flows, per_flow, procs, extra) -> dict:
         cpu1 = cpu_seconds(watch.pid)
         watch.send_signal(signal.SIGINT)
         watch.wait(timeout=600)
-        out.seek(0)
-        last = b""
-        streamed = 0
-        for line in out:
-            if line.startswith(b'{"type":"flow"'):
-                streamed += 1
-            last = line
-        summary = json.loads(last)
+        reader.join(60)
+        streamed = counted["streamed"]
+        summary = json.loads(counted["last"])
     lost, acc = summary["lost"], summary["accounted"]
     programs = {p["name"]: p for p in summary.get("programs", [])}
     xmit = next((p for n, p in programs.items() if "xmit" in n or "net_dev_queue" in n), None)
