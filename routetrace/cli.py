@@ -81,9 +81,10 @@ def cli():
 @click.option("--json", "as_json", is_flag=True, help="JSON lines: one per new flow, then a summary.")
 @click.option("--duration", "-d", type=float, callback=_duration, help="Stop after SECONDS.")
 @click.option("--record", "-w", metavar="FILE", help="Also write the trace to FILE (JSON lines, see README).")
+@click.option("--force", is_flag=True, help="Let --record replace an existing regular file you own.")
 @backend_option("kprobe: the design card's probes; tracepoint: for kernels without kprobes.")
 @click.option("--dry-run", is_flag=True, help="Print the attach plan and offsets; load nothing.")
-def watch(port, host, pid, netns_spec, as_json, duration, record, backend, dry_run):
+def watch(port, host, pid, netns_spec, as_json, duration, record, force, backend, dry_run):
     """Show the kernel's route decision for each new flow, live; summary and verdict at the end.
 
     \b
@@ -98,7 +99,7 @@ def watch(port, host, pid, netns_spec, as_json, duration, record, backend, dry_r
         click.echo(probes.choose(facts, filters, backend).render())
         return
     plan, headers = _prepare("watch", filters, backend)
-    run_watch(plan, headers, as_json=as_json, duration=duration, record=record)
+    run_watch(plan, headers, as_json=as_json, duration=duration, record=record, **({"force": True} if force else {}))
 
 
 def _prepare(command: str, filters: probes.Filters, backend: str = "auto"):
@@ -135,8 +136,9 @@ def _addresses(_ctx, param, values):
 @click.option("--closed", is_flag=True, help="Connect to a port nothing listens on: the SYN is answered by RST.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the table.")
 @click.option("--record", "-w", metavar="FILE", help="Also write the trace to FILE.")
+@click.option("--force", is_flag=True, help="Let --record replace an existing regular file you own.")
 @backend_option()
-def prove(port, sandbox, to, control, proto, closed, as_json, record, backend):
+def prove(port, sandbox, to, control, proto, closed, as_json, record, force, backend):
     """Connect to 127.0.0.1 and to own addresses while tracing: do both leave on lo?
 
     Exit status: 0 the claim held, 1 it did not, 2 usage or environment error.
@@ -149,7 +151,8 @@ def prove(port, sandbox, to, control, proto, closed, as_json, record, backend):
     _require_root("prove")
     code = experiment_prove.experiment(lambda filters: _prepare("prove", filters, backend), sandbox=sandbox,
                                        own=list(to), controls=list(control), port=port, proto=proto,
-                                       closed=closed, record=record, as_json=as_json)
+                                       closed=closed, record=record, as_json=as_json,
+                                       **({"force": True} if force else {}))
     sys.exit(code)
 
 
@@ -187,14 +190,18 @@ def report(trace_file):
     from .flows import verdict
     from .record import read_trace
     from .render import summary_text
+    from .sanitize import text
     trace = read_trace(trace_file)
     h = trace.header
-    click.echo(f"trace of {h.get('hostname', '?')} (kernel {h.get('kernel', '?')}), "
-               f"{h.get('plan', {}).get('backend', '?')} plan, started {h.get('start_time', '?')}, "
-               f"filters: {probes.filters_text(h['filters'])}")
+    click.echo(text(f"trace of {h.get('hostname', '?')} (kernel {h.get('kernel', '?')}), "
+                    f"{h.get('plan', {}).get('backend', '?')} plan, started {h.get('start_time', '?')}, "
+                    f"filters: {probes.filters_text(h['filters'])}"))
     if not trace.complete:
         click.echo(f"incomplete: no trailer, the recording was cut off; {len(trace.flows)} flows recorded until then"
                    + (" (a torn last line was dropped)" if trace.torn_last_line else ""))
+    if trace.unknown_records:
+        click.echo(text("skipped records of a newer format (minor " f"{h.get('minor')}): "
+                        + ", ".join(f"{k} x{n}" for k, n in sorted(trace.unknown_records.items()))))
     click.echo(summary_text(trace.flows, verdict(trace.flows, trace.own_addresses), trace.losses,
                             trace.own_addresses))
 
@@ -202,31 +209,45 @@ def report(trace_file):
 @cli.command()
 @click.argument("trace_file", metavar="FILE")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
-@click.option("-o", "--output", metavar="OUT", help="Write here instead of standard output.")
-def export(trace_file, fmt, output):
+@click.option("-o", "--output", metavar="OUT", help="Write here instead of standard output (a new file).")
+@click.option("--force", is_flag=True, help="Let -o replace an existing regular file you own.")
+def export(trace_file, fmt, output, force):
     """Flows of a recorded trace as CSV (a row per flow and transmit device) or a JSON array."""
     import csv
-    import io
     import json
-    from .record import read_trace
+    from .record import create_private, read_trace
     from .render import CSV_COLUMNS, csv_rows
+    from .sanitize import csv_cell, text
     trace = read_trace(trace_file)
-    buf = io.StringIO()
-    if fmt == "csv":
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
-        writer.writerows(csv_rows(trace.flows))
-    else:
-        json.dump([f.to_dict() for f in trace.flows], buf, indent=2)
-        buf.write("\n")
     if output is None:
-        click.echo(buf.getvalue(), nl=False)
-        return
+        out = click.get_text_stream("stdout")
+    else:
+        fd, _created = create_private(output, force)
+        out = open(fd, "w", encoding="utf-8", errors="backslashreplace", newline="")
     try:
-        with open(output, "w", encoding="utf-8") as fh:
-            fh.write(buf.getvalue())
+        # Streamed: each row or flow is written as it is produced, nothing is held back.
+        if fmt == "csv":
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(CSV_COLUMNS)
+            for row in csv_rows(trace.flows):
+                writer.writerow([csv_cell(cell) for cell in row])
+        else:
+            out.write("[")
+            for i, flow in enumerate(trace.flows):
+                body = json.dumps(flow.to_dict(), indent=2).replace("\n", "\n  ")
+                out.write(("," if i else "") + "\n  " + body)
+            out.write("\n]\n" if trace.flows else "]\n")
+        out.flush()
     except OSError as exc:
-        raise UsageError(f"cannot write {output}: {exc.strerror}") from None
+        if output is None:
+            raise
+        raise UsageError(f"cannot write {text(output)}: {exc.strerror}") from None
+    finally:
+        if output is not None:
+            try:
+                out.close()
+            except OSError:
+                pass
 
 
 @cli.command()
