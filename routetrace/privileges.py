@@ -302,3 +302,12 @@ class NetnsHelper:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def nobody() -> tuple[int, int]:
+    import pwd
+    try:
+        pw = pwd.getpwnam("nobody")
+        return pw.pw_uid, pw.pw_gid
+    except KeyError:
+        return 65534, 65534

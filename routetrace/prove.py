@@ -182,7 +182,7 @@ def experiment(prepare, *, sandbox: bool, own: list[str], controls: list[str], p
         else:
             ns, own = None, host_addresses(own)
         if not closed:
-            stack.callback(stop_process, start_listener(ns, [port]))
+            stack.callback(stop_process, start_listener(ns, [port], addresses=["127.0.0.1", *own]))
         table = local_table(ns)
         targets = [Target("127.0.0.1", LOOPBACK, *local_entry("127.0.0.1", table))]
         targets += [Target(a, OWN, *local_entry(a, table)) for a in own]

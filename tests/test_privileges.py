@@ -153,3 +153,33 @@ def test_the_netns_helper_learns_a_new_namespaces_addresses_for_an_unprivileged_
     helper = c.result["helper_status"]
     assert helper["Uid"] == [65534] * 4
     assert helper["CapEff"] == privileges.cap_mask(privileges.NETNS_HELPER_CAPS) and helper["NoNewPrivs"] == 1
+
+
+@needs_root
+def test_host_helpers_bind_only_the_addresses_given_serve_concurrently_and_drop_root():
+    import socket
+    import time
+    from routetrace import experiment
+    proc = experiment.start_listener(None, [18889], addresses=["127.0.0.1", "::1"])
+    try:
+        st = privileges.status(proc.pid)
+        assert st["Uid"] == [65534] * 4 and st["CapEff"] == 0 and st["NoNewPrivs"] == 1
+        listening = subprocess.run(["ss", "-Hltnp", "sport", "=", ":18889"], capture_output=True, text=True).stdout
+        assert "127.0.0.1:18889" in listening and "[::1]:18889" in listening
+        assert "0.0.0.0:18889" not in listening and "*:18889" not in listening
+        stalled = [socket.create_connection(("127.0.0.1", 18889)) for _ in range(5)]   # send nothing
+        start = time.perf_counter()
+        assert experiment.connect("127.0.0.1", 18889, "tcp") == "ok"
+        assert experiment.connect("::1", 18889, "tcp") == "ok"
+        assert experiment.connect("127.0.0.1", 18889, "udp") == "ok"
+        assert time.perf_counter() - start < 2           # not behind the stalled clients' 5 s timeouts
+        for s in stalled:
+            s.close()
+    finally:
+        experiment.stop_process(proc)
+    bench = experiment.start_listener(None, [19110], "bench-serve", addresses=["127.0.0.1"])
+    try:
+        assert privileges.status(bench.pid)["Uid"] == [65534] * 4
+        assert experiment.bench_client("rr", "127.0.0.1", 19110, 0.2)["ops"] > 0
+    finally:
+        experiment.stop_process(bench)
