@@ -483,7 +483,11 @@ def _flow_from(obj: dict) -> Flow:
             raise _Bad(f"flow field {name!r} has the wrong type ({type(value).__name__})")
     if not all(isinstance(k, str) and _is_int(n) and 0 <= n < U64 for k, n in known.get("xmit_devs", {}).items()):
         raise _Bad("flow field 'xmit_devs' must map device names to packet counts")
-    family = _family(known.get("family", 4), "flow field 'family'")
+    if "family" in known:
+        family = _family(known["family"], "flow field 'family'")
+    else:                                # format 1.0 wrote no family: the addresses tell
+        family = ipaddress.ip_address(_address(known["daddr"], "flow field 'daddr'")).version
+        known["family"] = family
     for name in ("saddr", "daddr"):
         known[name] = _address(known[name], f"flow field {name!r}", family)
     for name in ("sport", "dport"):
