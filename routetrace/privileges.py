@@ -149,10 +149,7 @@ def drop_privileges(keep: Iterable[str] = (), *, uid: int | None = None, gid: in
         gid = uid if gid is None else gid
     threads = len(os.listdir("/proc/self/task"))
     if os.geteuid() != 0:
-        st = status()
-        return {"dropped": False, "reason": "not running as root", "uid": os.getuid(), "gid": os.getgid(),
-                "caps": cap_names(st.get("CapEff", 0)), "no_new_privs": bool(st.get("NoNewPrivs")),
-                "threads": threads}
+        return _drop_capabilities_only(keep_mask, threads, dumpable)
     try:
         for cap in range(_last_cap() + 1):
             if not keep_mask >> cap & 1:
@@ -172,6 +169,36 @@ def drop_privileges(keep: Iterable[str] = (), *, uid: int | None = None, gid: in
     return {"dropped": True, "user": name, "uid": st["Uid"][1], "gid": st["Gid"][1],
             "caps": cap_names(st["CapEff"]), "bounding": cap_names(st["CapBnd"]),
             "no_new_privs": bool(st["NoNewPrivs"]), "threads": threads}
+
+
+def _drop_capabilities_only(keep_mask: int, threads: int, dumpable: bool) -> dict:
+    """Not root, but perhaps started with capabilities (capsh --addamb ...): keep the user,
+    drop every capability not in `keep`, ambient ones included."""
+    import pwd
+    st = status()
+    uid = os.getuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    if not (st.get("CapPrm", 0) | st.get("CapAmb", 0)):
+        return {"dropped": False, "reason": "not running as root", "user": name, "uid": uid, "gid": os.getgid(),
+                "caps": [], "no_new_privs": bool(st.get("NoNewPrivs")), "threads": threads}
+    keep_mask &= st.get("CapPrm", 0)
+    try:
+        _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+        if st.get("CapEff", 0) >> CAPS["setpcap"] & 1:
+            for cap in range(_last_cap() + 1):
+                if not keep_mask >> cap & 1:
+                    _prctl(PR_CAPBSET_DROP, cap)
+        _capset(keep_mask, keep_mask, 0)
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)
+        _prctl(PR_SET_DUMPABLE, 1 if dumpable else 0)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot drop capabilities: {exc.strerror or exc}") from None
+    st = status()
+    return {"dropped": True, "user": name, "uid": uid, "gid": os.getgid(), "caps": cap_names(st["CapEff"]),
+            "bounding": cap_names(st["CapBnd"]), "no_new_privs": bool(st["NoNewPrivs"]), "threads": threads}
 
 
 def describe(result: dict) -> str:

@@ -183,3 +183,35 @@ def test_host_helpers_bind_only_the_addresses_given_serve_concurrently_and_drop_
         assert experiment.bench_client("rr", "127.0.0.1", 19110, 0.2)["ops"] > 0
     finally:
         experiment.stop_process(bench)
+
+
+CAPSH_CAPS = "cap_bpf,cap_perfmon,cap_dac_read_search"
+
+
+@needs_root
+def test_started_by_capsh_with_ambient_capabilities_it_drops_them_all(tmp_path):
+    """The no-uid-0 route (README): capsh gives the user only the capabilities tracing needs,
+    as ambient ones; once attached, drop_privileges() leaves nothing, ambient included."""
+    import shutil
+    if not shutil.which("capsh"):
+        pytest.skip("capsh is missing (apt package libcap2-bin)")
+    script = tmp_path / "drop.py"
+    script.write_text("import json\nfrom routetrace.privileges import drop_privileges, status\n"
+                      "before = status()\nresult = drop_privileges()\n"
+                      "print(json.dumps({'before': before, 'after': status(), 'result': result}))\n")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(script, 0o644)
+    out = subprocess.run(["capsh", f"--caps={CAPSH_CAPS},cap_setuid,cap_setgid,cap_setpcap+eip", "--keep=1",
+                          "--user=nobody", f"--addamb={CAPSH_CAPS}", "--",
+                          "-c", f"PYTHONPATH={ROOT} {sys.executable} {script}"],
+                         capture_output=True, text=True, timeout=60, cwd="/")
+    if out.returncode != 0 and "Permission denied" in out.stderr and "drop.py" in out.stderr:
+        pytest.skip("nobody cannot reach the test's temporary directory")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    wanted = privileges.cap_mask(CAPSH_CAPS.split(","))
+    assert data["before"]["Uid"] == [65534] * 4
+    assert data["before"]["CapEff"] == data["before"]["CapAmb"] == wanted
+    after = data["after"]
+    assert after["CapEff"] == after["CapPrm"] == after["CapAmb"] == after["CapInh"] == 0
+    assert after["NoNewPrivs"] == 1 and data["result"]["dropped"] and data["result"]["user"] == "nobody"
