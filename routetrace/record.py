@@ -204,6 +204,8 @@ def _create_as(path: str, force: bool, uid: int, gid: int) -> tuple[int, bool]:
     if kind == "error" or len(fds) != 1 or not stat.S_ISREG(os.fstat(fds[0]).st_mode):
         for fd in fds:
             os.close(fd)
+        if kind == "error" and "Permission denied" in value:
+            value += f" (as uid {uid}, the user sudo runs routetrace for)"
         raise TraceFileError(value if kind == "error" else f"{text(path)} cannot be created")
     return fds[0], bool(value)
 
