@@ -78,7 +78,7 @@ _MAX_SYMLINKS = 40
 
 
 def _refuse(path: str, message: str) -> TraceFileError:
-    return TraceFileError(f"{text(path)} {message}")
+    return TraceFileError(text(f"{path} {message}"))     # both may hold a user's bytes
 
 
 def _open_dir(name: str, dir_fd: int) -> int:
