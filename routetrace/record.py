@@ -454,8 +454,8 @@ def _family(value, what: str) -> int:
     return value
 
 
-_FLOW_COUNTS = ("packets", "bytes", "first_ns", "last_ns", "netns", "pid", "segments", "fragments")
-_FLOW_OPTIONAL_COUNTS = ("fib_table", "route_ifindex", "fib_ifindex")
+_FLOW_COUNTS = ("packets", "bytes", "first_ns", "last_ns", "netns", "pid", "segments", "fragments",
+                "fib_table", "route_ifindex", "fib_ifindex")
 
 
 def _device(d, where_field: str) -> dict:
@@ -477,45 +477,51 @@ _FLOW_SCHEMA: tuple[dict, frozenset] | None = None
 
 
 def _flow_schema() -> tuple[dict, frozenset]:
+    """{field: (accepted types, whether bool is one of them)} and the required fields."""
     global _FLOW_SCHEMA
     if _FLOW_SCHEMA is None:
-        _FLOW_SCHEMA = (Flow.field_types(), frozenset(f.name for f in dataclass_fields(Flow)
-                                                      if f.default is MISSING and f.default_factory is MISSING))
+        checks = {}
+        for name, kind in Flow.field_types().items():
+            want = _FLOW_TYPES[kind]
+            checks[name] = (want, bool in (want if isinstance(want, tuple) else (want,)))
+        _FLOW_SCHEMA = (checks, frozenset(f.name for f in dataclass_fields(Flow)
+                                          if f.default is MISSING and f.default_factory is MISSING))
     return _FLOW_SCHEMA
 
 
 def _flow_from(obj: dict) -> Flow:
-    types, required = _flow_schema()
-    given = {k: v for k, v in obj.items() if k != "type"}
-    missing = sorted(required - given.keys())
-    if missing:
-        raise _Bad(f"flow is missing field {missing[0]!r}")
-    known = {k: v for k, v in given.items() if k in types}
-    extra = {k: v for k, v in given.items() if k not in types}      # a newer writer's fields: kept
-    for name, value in known.items():
-        want = _FLOW_TYPES[types[name]]
-        if (isinstance(value, bool) and bool not in (want if isinstance(want, tuple) else (want,))) \
-                or not isinstance(value, want):
+    checks, required = _flow_schema()
+    known, extra = {}, {}
+    for name, value in obj.items():
+        check = checks.get(name)
+        if check is None:
+            if name != "type":
+                extra[name] = value              # a newer writer's field: kept, written back
+            continue
+        if not isinstance(value, check[0]) or (value.__class__ is bool and not check[1]):
             raise _Bad(f"flow field {name!r} has the wrong type ({type(value).__name__})")
-    if not all(isinstance(k, str) and _is_int(n) and 0 <= n < U64 for k, n in known.get("xmit_devs", {}).items()):
-        raise _Bad("flow field 'xmit_devs' must map device names to packet counts")
+        known[name] = value
+    if not required <= known.keys():
+        raise _Bad(f"flow is missing field {sorted(required - known.keys())[0]!r}")
+    for k, n in known.get("xmit_devs", {}).items():
+        if not (isinstance(k, str) and n.__class__ is int and 0 <= n < U64):
+            raise _Bad("flow field 'xmit_devs' must map device names to packet counts")
     if "family" in known:
         family = _family(known["family"], "flow field 'family'")
     else:                                # format 1.0 wrote no family: the addresses tell
         _address(known["daddr"], "flow field 'daddr'")
         family = _parse_address(known["daddr"])[0]
         known["family"] = family
-    for name in ("saddr", "daddr"):
-        known[name] = _address(known[name], f"flow field {name!r}", family)
+    known["saddr"] = _address(known["saddr"], "flow field 'saddr'", family)
+    known["daddr"] = _address(known["daddr"], "flow field 'daddr'", family)
     for name in ("sport", "dport"):
-        _count(known[name], f"flow field {name!r}", hi=65536)
-    for name in _FLOW_COUNTS:
-        if name in known:
-            _count(known[name], f"flow field {name!r}")
-    for name in _FLOW_OPTIONAL_COUNTS:
-        if known.get(name) is not None:
-            _count(known[name], f"flow field {name!r}")
-    for d in known.get("devices", []):
+        if not 0 <= known[name] < 65536:
+            raise _Bad(f"flow field {name!r} is out of range ({known[name]})")
+    for name in _FLOW_COUNTS:            # types were checked above: ints (None where allowed)
+        value = known.get(name)
+        if value is not None and not 0 <= value < U64:
+            raise _Bad(f"flow field {name!r} is out of range ({value})")
+    for d in known.get("devices", ()):
         _device(d, "flow field 'devices'")
     return Flow(**known, extra=extra)
 
