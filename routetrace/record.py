@@ -644,6 +644,19 @@ def _decode(raw: bytes) -> dict:
     return obj
 
 
+READER_MAX_FLOWS = 1_000_000
+
+
+def _reader_limit(header: dict) -> int:
+    """The reader's table bound: twice what the live table kept (its fold records keep a replay
+    well below), and never more than READER_MAX_FLOWS, so a crafted file of unique flows cannot
+    exhaust memory: past the bound flows fold into aggregates, as they did live."""
+    keep = header.get("keep_flows")
+    if not _is_int(keep) or keep <= 0:
+        return READER_MAX_FLOWS
+    return min(READER_MAX_FLOWS, max(2 * keep, 1000))
+
+
 def read_trace(path: str | os.PathLike) -> Trace:
     """The trace at `path`, read line by line: memory grows with the flows the live table held,
     never with the file. Any malformed input is a TraceFileError naming path:line."""
@@ -658,6 +671,7 @@ def read_trace(path: str | os.PathLike) -> Trace:
         if state["header"] is None:
             state["minor"] = _header(obj)
             state["header"] = obj
+            table.limit = _reader_limit(obj)
         else:
             state["trailer"] = _record(obj, table, addresses, state["minor"], unknown) or state["trailer"]
 

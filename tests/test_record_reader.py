@@ -333,3 +333,16 @@ def test_export_streams_json_in_the_same_shape_as_before(capsys):
     code, out, _ = run(capsys, "export", TRACE, "--format", "json")
     assert code == 0
     assert out == json.dumps([f.to_dict() for f in read_trace(TRACE).flows], indent=2) + "\n"
+
+
+def test_a_file_of_endless_unique_flows_is_bounded_like_the_live_table(tmp_path):
+    lines = _mutate(lines_of(), 0, lambda o: o.update(keep_flows=500))
+    flow = json.loads(lines[_last_flow_index(lines)])
+    many = []
+    for i in range(3000):
+        flow.update(sport=i + 1, first_ns=i)
+        many.append(json.dumps(flow))
+    trace = read_trace(write(tmp_path, lines[:-1] + many + lines[-1:]))
+    assert len(trace.flows) == 1000                       # 2 x keep_flows rows ...
+    assert trace.table.folded > 0 and trace.table.aggregates   # ... the rest counted in aggregates
+    assert trace.table.packets >= 3000 * flow["packets"]
