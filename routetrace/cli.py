@@ -202,8 +202,9 @@ def report(trace_file):
     if trace.unknown_records:
         click.echo(text("skipped records of a newer format (minor " f"{h.get('minor')}): "
                         + ", ".join(f"{k} x{n}" for k, n in sorted(trace.unknown_records.items()))))
-    click.echo(summary_text(trace.flows, verdict(trace.flows, trace.own_addresses), trace.losses,
-                            trace.own_addresses))
+    # Folded flows (the live table's limit, or the reader's) count in the verdict through their aggregates.
+    click.echo(summary_text(trace.flows, verdict(trace.flows, trace.own_addresses, trace.table.aggregates.values()),
+                            trace.losses, trace.own_addresses))
 
 
 @cli.command()
