@@ -223,7 +223,12 @@ def export(trace_file, fmt, output, force):
     if output is None:
         out = click.get_text_stream("stdout")
     else:
-        fd, _created = create_private(output, force)
+        def earlier_export(head: bytes) -> bool:          # what --force may replace
+            if fmt == "csv":
+                return head.startswith((",".join(CSV_COLUMNS) + "\n").encode())
+            return head.startswith(b"[") and (head[1:].lstrip().startswith(b"]") or b'"type": "flow"' in head[:64])
+        fd, _created = create_private(output, force, replaceable=earlier_export,
+                                      what=f"an earlier routetrace {fmt} export")
         out = open(fd, "w", encoding="utf-8", errors="backslashreplace", newline="")
     try:
         # Streamed: each row or flow is written as it is produced, nothing is held back.

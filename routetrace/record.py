@@ -125,10 +125,22 @@ def _walk_to_parent(path: str, uid: int) -> tuple[int, str]:
         raise
 
 
-def _create(path: str, force: bool, uid: int) -> tuple[int, bool]:
+def looks_like_trace(head: bytes) -> bool:
+    """Whether a file starting with `head` is a routetrace trace (what --force may replace)."""
+    first = head.split(b"\n", 1)[0]
+    try:
+        obj = json.loads(first.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(obj, dict) and obj.get("type") == "header" and obj.get("format") == FORMAT
+
+
+def _create(path: str, force: bool, uid: int, replaceable=looks_like_trace, what: str = "a routetrace trace"
+            ) -> tuple[int, bool]:
     """Open `path` for writing as this process: (fd, created). Never follows a final symbolic
-    link, never opens a FIFO or device, replaces only a regular file `uid` owns and only with
-    `force`."""
+    link, never opens a FIFO or device; replaces only with `force`, and then only an empty or
+    `replaceable` regular file with one link that `uid` owns (even root's --force never
+    replaces /etc/shadow)."""
     dir_fd, name = _walk_to_parent(path, uid)
     try:
         try:
@@ -150,14 +162,21 @@ def _create(path: str, force: bool, uid: int) -> tuple[int, bool]:
             raise _refuse(path, "is not a regular file (a FIFO, device, socket or directory); refusing to write to it")
         if st.st_uid != uid:
             raise _refuse(path, f"belongs to uid {st.st_uid}, not to you (uid {uid}); refusing to replace it")
+        if st.st_nlink != 1:
+            raise _refuse(path, f"has {st.st_nlink} hard links; refusing to replace it")
         try:
-            fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
         except OSError as exc:
             raise _refuse(path, f"cannot be opened: {exc.strerror}") from None
         now = os.fstat(fd)
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode) or now.st_uid != uid:
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode) \
+                or now.st_uid != uid or now.st_nlink != 1:
             os.close(fd)
             raise _refuse(path, "changed while it was being opened; refusing to write to it")
+        head = os.pread(fd, 4096, 0)
+        if head and not replaceable(head):
+            os.close(fd)
+            raise _refuse(path, f"is not {what}; --force replaces only those (remove it yourself if you mean it)")
         os.set_blocking(fd, True)
         os.ftruncate(fd, 0)
         return fd, False
@@ -165,7 +184,7 @@ def _create(path: str, force: bool, uid: int) -> tuple[int, bool]:
         os.close(dir_fd)
 
 
-def _create_as(path: str, force: bool, uid: int, gid: int) -> tuple[int, bool]:
+def _create_as(path: str, force: bool, uid: int, gid: int, replaceable, what: str) -> tuple[int, bool]:
     """`_create` in a child process that is `uid` (with its groups): the kernel then checks
     every directory's permissions for that user, and the new file is theirs without a chown."""
     try:
@@ -183,7 +202,7 @@ def _create_as(path: str, force: bool, uid: int, gid: int) -> tuple[int, bool]:
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
             try:
-                fd, created = _create(path, force, uid)
+                fd, created = _create(path, force, uid, replaceable, what)
             except TraceFileError as exc:
                 child.sendall(json.dumps(["error", str(exc)]).encode())
             else:
@@ -210,8 +229,9 @@ def _create_as(path: str, force: bool, uid: int, gid: int) -> tuple[int, bool]:
     return fds[0], bool(value)
 
 
-def create_private(path: str | os.PathLike, force: bool = False) -> tuple[int, bool]:
-    """A write-only fd for a new file at `path`, mode 0600, owned by whoever the file is for
+def create_private(path: str | os.PathLike, force: bool = False, replaceable=looks_like_trace,
+                   what: str = "a routetrace trace") -> tuple[int, bool]:
+    """A writable fd for a new file at `path`, mode 0600, owned by whoever the file is for
     (see `file_owner`); (fd, True when it was created, False when --force replaced it).
     Refusals are TraceFileError (one line, exit 2)."""
     path = os.fspath(path)
@@ -219,8 +239,8 @@ def create_private(path: str | os.PathLike, force: bool = False) -> tuple[int, b
         raise TraceFileError("no file name given")
     uid, gid = file_owner()
     if os.geteuid() == 0 and uid != 0:
-        return _create_as(path, force, uid, gid)
-    return _create(path, force, uid)
+        return _create_as(path, force, uid, gid, replaceable, what)
+    return _create(path, force, uid, replaceable, what)
 
 
 # ---- writing ---------------------------------------------------------------------------

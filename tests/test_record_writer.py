@@ -154,15 +154,47 @@ def test_refused_even_with_force_and_left_untouched(tmp_path, case):
     _check_refused(*REFUSED_WITH_FORCE[case], tmp_path, force=True)
 
 
-def test_force_replaces_a_regular_file_the_caller_owns(tmp_path, capsys):
-    target = tmp_path / "mine.csv"
-    target.write_text("old content that is longer than nothing\n" * 50)
-    assert cli.main(["export", str(TRACE), "-o", str(target), "--force"]) == 0
-    assert target.read_text().startswith("proto,saddr,") and "old content" not in target.read_text()
+def test_force_replaces_an_earlier_output_the_caller_owns(tmp_path, capsys):
+    for fmt in ("csv", "json"):
+        target = tmp_path / f"mine.{fmt}"
+        assert cli.main(["export", str(TRACE), "--format", fmt, "-o", str(target)]) == 0
+        with open(target, "a") as fh:
+            fh.write("old tail\n" * 50)
+        assert cli.main(["export", str(TRACE), "--format", fmt, "-o", str(target), "--force"]) == 0
+        assert "old tail" not in target.read_text()
+    empty = tmp_path / "empty.csv"
+    empty.touch()
+    assert cli.main(["export", str(TRACE), "-o", str(empty), "--force"]) == 0
+    target = tmp_path / "t.jsonl"
+    write_a_trace(TraceWriter(target))
+    with open(target, "a") as fh:
+        fh.write("old tail\n")
     writer = TraceWriter(target, force=True)
     assert not writer.created
     write_a_trace(writer)
-    assert read_trace(target).complete
+    assert read_trace(target).complete and "old tail" not in target.read_text()
+
+
+def test_force_never_replaces_what_is_not_routetrace_output_even_for_root(tmp_path, capsys):
+    """Root's own files are root's: `sudo routetrace export ... -o /etc/shadow --force` as root
+    itself (no SUDO_UID) must not replace them either."""
+    shadow = tmp_path / "shadow"
+    shadow.write_text("root:$6$secret:19000:0:99999:7:::\n")
+    before = snapshot(shadow)
+    with pytest.raises(TraceFileError, match="is not a routetrace trace; --force replaces only those"):
+        TraceWriter(shadow, force=True)
+    code, out, err = export_to(shadow, "--force")
+    assert code == 2 and "is not an earlier routetrace csv export" in err and len(err.splitlines()) == 1
+    code, _, err = export_to(shadow, "--format", "json", "--force")
+    assert code == 2 and "is not an earlier routetrace json export" in err
+    assert snapshot(shadow) == before
+    trace = tmp_path / "t.jsonl"
+    write_a_trace(TraceWriter(trace))
+    os.link(trace, tmp_path / "hardlink")                  # a second name: not ours alone to replace
+    before = snapshot(trace)
+    with pytest.raises(TraceFileError, match="has 2 hard links"):
+        TraceWriter(trace, force=True)
+    assert snapshot(trace) == before
 
 
 @needs_root
