@@ -95,19 +95,23 @@ def test_a_hostile_device_name_never_reaches_the_terminal_raw(evil_device, live)
 def test_a_running_watch_has_dropped_root(sandbox, live, monkeypatch):
     """The session calls privileges.drop_privileges() once the programs are attached and the
     maps open (expected call site: routetrace/watch.py, inside `with Session(...)`, before the
-    "Tracing ..." line)."""
+    "Tracing ..." line), with a privileges.NetnsHelper started before it for the namespaces met
+    later. Without --netns, the sandbox namespace is first met after the drop: classifying its
+    own address proves the helper does the lookup the unprivileged session cannot."""
     for env, uid in (({}, 65534), ({"SUDO_UID": "4242", "SUDO_GID": "4242"}, 4242)):
         for var in ("SUDO_UID", "SUDO_GID", "SUDO_USER"):
             monkeypatch.delenv(var, raising=False)
         for k, v in env.items():
             monkeypatch.setenv(k, v)
-        run = live("watch", "--netns", sandbox.host, "--port", "7779")
+        run = live("watch", "--port", "7779")
         st = privileges.status(run.proc.pid)
         assert st["Uid"] == [uid] * 4, st
         assert st["CapEff"] == 0 and st["CapPrm"] == 0 and st["CapAmb"] == 0, st
         assert st["NoNewPrivs"] == 1
-        send_udp_as(sandbox.host, "after-drop", "127.0.0.1", 7779)    # tracing goes on unprivileged
+        send_udp_as(sandbox.host, "after-drop", "127.0.0.1", 7779)         # tracing goes on unprivileged
+        send_udp_as(sandbox.host, "after-drop", sandbox.own_addr, 7779)
         time.sleep(1.5)
         code, out, err = run.stop()
         assert code == 0, err
         assert "after-drop" in out and "127.0.0.1:7779" in out
+        assert any(sandbox.own_addr in line and "own-address" in line for line in out.splitlines()), out
