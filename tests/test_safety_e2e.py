@@ -1,8 +1,6 @@
 """End to end, as root on a shared host: names chosen by unprivileged users (a process's comm,
 a device in a namespace they own) reach the terminal escaped and the JSON exact; a running
 `watch` has given up root once its programs are attached (privileges.drop_privileges)."""
-import json
-import os
 import subprocess
 import sys
 import time
