@@ -147,7 +147,7 @@ def experiment(prepare, *, sandbox: bool, own: str | None, port: int, rounds: in
             ns, own = sb.host, sb.own_addr
         else:
             ns, own = None, host_addresses([own] if own else [])[0]
-        stack.callback(stop_process, start_listener(ns, [port], "bench-serve"))
+        stack.callback(stop_process, start_listener(ns, [port], "bench-serve", addresses=["127.0.0.1", own]))
         conditions, tracer, attached = ("untraced",), None, [True]
         if prepare is not None:
             from .tracer import Tracer

@@ -13,6 +13,7 @@ from tabulate import tabulate
 from . import __version__, kernel, netns, probes, sanitize
 from .errors import EnvironmentProblem, RoutetraceError, UsageError
 from .flows import DEFAULT_KEEP_FLOWS
+from .record import EXIT_RECORDING_INCOMPLETE
 
 
 def _port(_ctx, _param, value):
@@ -111,6 +112,7 @@ def cli():
 @click.option("--json", "-j", "as_json", is_flag=True, help="JSON lines: one per new flow, then a summary.")
 @click.option("--duration", "-d", type=float, callback=_duration, metavar="SECONDS", help="Stop after SECONDS.")
 @click.option("--record", "-w", metavar="FILE", help="Also write the trace to FILE (JSON lines; read it with report).")
+@click.option("--force", is_flag=True, help="Let --record replace an earlier routetrace file you own.")
 @click.option("--metrics", "metrics_spec", metavar="[ADDR:]PORT", callback=_metrics,
               help="Serve Prometheus/OpenMetrics counters (packets and flows per route and device, losses) "
                    "over HTTP on PORT, at 127.0.0.1 unless ADDR is given.")
@@ -125,8 +127,8 @@ def cli():
               metavar="N", help="Pages of the new-flow notice ring (a power of two); a full ring delays "
                                 "streaming, never counting.")
 @click.option("--dry-run", is_flag=True, help="Print the attach plan and struct offsets; load nothing.")
-def watch(pid, port, host, ipv4, ipv6, netns_spec, as_json, duration, record, metrics_spec, backend, max_flows,
-          keep_flows, ring_pages, dry_run):
+def watch(pid, port, host, ipv4, ipv6, netns_spec, as_json, duration, record, force, metrics_spec, backend,
+          max_flows, keep_flows, ring_pages, dry_run):
     """Show the kernel's route decision for each new flow, live; summary and verdict at the end.
 
     One line per new flow (process, addresses, route type and device, the FIB's answer, the
@@ -149,8 +151,10 @@ def watch(pid, port, host, ipv4, ipv6, netns_spec, as_json, duration, record, me
         click.echo(probes.choose(facts, filters, backend, limits).render())
         return
     plan, headers = _prepare("watch", filters, backend, limits)
-    run_watch(plan, headers, as_json=as_json, duration=duration, record=record, keep_flows=keep_flows,
-              metrics=metrics_spec)
+    result = run_watch(plan, headers, as_json=as_json, duration=duration, record=record, force=force,
+                       keep_flows=keep_flows, metrics=metrics_spec)
+    if result.recording_error:
+        sys.exit(EXIT_RECORDING_INCOMPLETE)     # the trace ran; its copy on disk is incomplete
 
 
 def _prepare(command: str, filters: probes.Filters, backend: str = "auto", limits: probes.Limits | None = None):
@@ -169,9 +173,9 @@ def _addresses(_ctx, param, values):
     out = []
     for value in values:
         try:
-            out.append(str(ipaddress.IPv4Address(value)))
+            out.append(str(ipaddress.ip_address(value)))
         except ValueError:
-            raise UsageError(f"--{param.name} must be an IPv4 address, not {value!r}") from None
+            raise UsageError(f"--{param.name} must be an IPv4 or IPv6 address, not {value!r}") from None
     return out
 
 
@@ -179,7 +183,8 @@ def _addresses(_ctx, param, values):
 @click.option("--port", "-P", callback=_port, default="8888", show_default=True, metavar="PORT",
               help="Port to connect to.")
 @click.option("--sandbox", is_flag=True,
-              help="Run in a throwaway namespace with eth0 = 198.51.100.1/24 and a peer 198.51.100.2 as control.")
+              help="Run in a throwaway namespace with eth0 = 198.51.100.1/24 and 2001:db8::1/64, and a peer "
+                   "(198.51.100.2, 2001:db8::2) as the non-local control.")
 @click.option("--to", "to", multiple=True, callback=_addresses, metavar="ADDR",
               help="Own address to test (repeatable); default: every IPv4 address on this host.")
 @click.option("--control", multiple=True, callback=_addresses, metavar="ADDR",
@@ -189,8 +194,9 @@ def _addresses(_ctx, param, values):
 @click.option("--closed", is_flag=True, help="Connect to a port nothing listens on: the SYN is answered by RST.")
 @click.option("--json", "-j", "as_json", is_flag=True, help="One JSON object instead of the table.")
 @click.option("--record", "-w", metavar="FILE", help="Also write the trace to FILE.")
+@click.option("--force", is_flag=True, help="Let --record replace an existing regular file you own.")
 @backend_option()
-def prove(port, sandbox, to, control, proto, closed, as_json, record, backend):
+def prove(port, sandbox, to, control, proto, closed, as_json, record, force, backend):
     """Connect to 127.0.0.1 and to own addresses while tracing: do both leave on lo?
 
     Exit status: 0 the claim held, 1 it did not, 2 usage or environment error.
@@ -203,7 +209,8 @@ def prove(port, sandbox, to, control, proto, closed, as_json, record, backend):
     _require_root("prove")
     code = experiment_prove.experiment(lambda filters: _prepare("prove", filters, backend), sandbox=sandbox,
                                        own=list(to), controls=list(control), port=port, proto=proto,
-                                       closed=closed, record=record, as_json=as_json)
+                                       closed=closed, record=record, as_json=as_json,
+                                       **({"force": True} if force else {}))
     sys.exit(code)
 
 
@@ -241,14 +248,19 @@ def report(trace_file):
     from .flows import verdict
     from .record import read_trace
     from .render import summary_text
+    from .sanitize import text
     trace = read_trace(trace_file)
     h = trace.header
-    click.echo(f"trace of {h.get('hostname', '?')} (kernel {h.get('kernel', '?')}), "
-               f"{h.get('plan', {}).get('backend', '?')} plan, started {h.get('start_time', '?')}, "
-               f"filters: {probes.filters_text(h['filters'])}")
+    click.echo(text(f"trace of {h.get('hostname', '?')} (kernel {h.get('kernel', '?')}), "
+                    f"{h.get('plan', {}).get('backend', '?')} plan, started {h.get('start_time', '?')}, "
+                    f"filters: {probes.filters_text(h['filters'])}"))
     if not trace.complete:
         click.echo(f"incomplete: no trailer, the recording was cut off; {len(trace.flows)} flows recorded until then"
                    + (" (a torn last line was dropped)" if trace.torn_last_line else ""))
+    if trace.unknown_records:
+        click.echo(text("skipped records of a newer format (minor " f"{h.get('minor')}): "
+                        + ", ".join(f"{k} x{n}" for k, n in sorted(trace.unknown_records.items()))))
+    # Folded flows (the live table's limit, or the reader's) count in the verdict through their aggregates.
     click.echo(summary_text(trace.flows, verdict(trace.flows, trace.own_addresses, trace.table.aggregates.values()),
                             trace.losses, trace.own_addresses, trace.table))
 
@@ -256,31 +268,50 @@ def report(trace_file):
 @cli.command()
 @click.argument("trace_file", metavar="FILE")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
-@click.option("-o", "--output", metavar="OUT", help="Write here instead of standard output.")
-def export(trace_file, fmt, output):
+@click.option("-o", "--output", metavar="OUT", help="Write here instead of standard output (a new file).")
+@click.option("--force", is_flag=True, help="Let -o replace an existing regular file you own.")
+def export(trace_file, fmt, output, force):
     """Flows of a recorded trace as CSV (a row per flow and transmit device) or a JSON array."""
     import csv
-    import io
     import json
-    from .record import read_trace
+    from .record import create_private, read_trace
     from .render import CSV_COLUMNS, csv_rows
+    from .sanitize import csv_cell, text
     trace = read_trace(trace_file)
-    buf = io.StringIO()
-    if fmt == "csv":
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
-        writer.writerows(csv_rows(trace.flows))
-    else:
-        json.dump([f.to_dict() for f in trace.flows], buf, indent=2)
-        buf.write("\n")
     if output is None:
-        click.echo(buf.getvalue(), nl=False)
-        return
+        out = click.get_text_stream("stdout")
+    else:
+        def earlier_export(head: bytes) -> bool:          # what --force may replace
+            if fmt == "csv":
+                return head.startswith((",".join(CSV_COLUMNS) + "\n").encode())
+            return head.startswith(b"[") and (head[1:].lstrip().startswith(b"]") or b'"type": "flow"' in head[:64])
+        fd, _created = create_private(output, force, replaceable=earlier_export,
+                                      what=f"an earlier routetrace {fmt} export")
+        out = open(fd, "w", encoding="utf-8", errors="backslashreplace", newline="")
     try:
-        with open(output, "w", encoding="utf-8") as fh:
-            fh.write(buf.getvalue())
+        # Streamed: each row or flow is written as it is produced, nothing is held back.
+        if fmt == "csv":
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(CSV_COLUMNS)
+            for row in csv_rows(trace.flows):
+                writer.writerow([csv_cell(cell) for cell in row])
+        else:
+            out.write("[")
+            for i, flow in enumerate(trace.flows):
+                body = json.dumps(flow.to_dict(), indent=2).replace("\n", "\n  ")
+                out.write(("," if i else "") + "\n  " + body)
+            out.write("\n]\n" if trace.flows else "]\n")
+        out.flush()
     except OSError as exc:
-        raise UsageError(f"cannot write {output}: {exc.strerror}") from None
+        if output is None:
+            raise
+        raise UsageError(f"cannot write {text(output)}: {exc.strerror}") from None
+    finally:
+        if output is not None:
+            try:
+                out.close()
+            except OSError:
+                pass
 
 
 @cli.command()

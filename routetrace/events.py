@@ -137,14 +137,14 @@ def decode_entry(key: bytes, value: bytes, backend: str) -> tuple[Flow, bool]:
         route_dev=(kernel_string(route_dev) or None) if has_route else None,
         fib_dev=(kernel_string(fib_dev) or None) if has_fib else None,
         fib_table=fib_table if has_fib else None,
-        xmit_devs={dev_name: packets} if packets else {},
+        xmit_devs={dev_name: packets},       # a notice carries the device, with no counts yet
         packets=packets, bytes=nbytes, first_ns=first_ns, last_ns=first_ns, backend=backend,
         family=family, segments=segments, route_src=ROUTE_SOURCES.get(route_src),
         route_ifindex=route_ifindex if has_route else None,
         route_loopback=bool(flags & FLOW_ROUTE_LOOPBACK) if has_route else None,
         fib_ifindex=fib_ifindex if has_fib else None,
         devices=[{"ifindex": ifindex, "name": dev_name, "loopback": bool(flags & FLOW_DEV_LOOPBACK),
-                  "packets": packets, "segments": segments, "bytes": nbytes}] if packets else [],
+                  "packets": packets, "segments": segments, "bytes": nbytes}],
         fragments=fragments,
     )
     if flags & FLOW_V4_MAPPED_SOCKET:

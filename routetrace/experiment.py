@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from .errors import EnvironmentProblem, UsageError
 
 OWN_ADDR, PEER_ADDR, PREFIX = "198.51.100.1", "198.51.100.2", 24
+OWN_ADDR6, PEER_ADDR6, PREFIX6 = "2001:db8::1", "2001:db8::2", 64
 
 
 def _ip(*args: str) -> None:
@@ -32,6 +33,8 @@ class Sandbox:
     peer: str = ""
     own_addr: str = OWN_ADDR
     peer_addr: str = PEER_ADDR
+    own_addr6: str = OWN_ADDR6
+    peer_addr6: str = PEER_ADDR6
     _procs: list[subprocess.Popen] = field(default_factory=list)
 
     def __enter__(self) -> "Sandbox":
@@ -42,10 +45,13 @@ class Sandbox:
             _ip("netns", "add", self.peer)
             # veth names are global until moved: make them unique, then call both eth0.
             _ip("link", "add", f"rt{tag}a", "type", "veth", "peer", "name", f"rt{tag}b")
-            for ns, dev, addr in ((self.host, f"rt{tag}a", self.own_addr), (self.peer, f"rt{tag}b", self.peer_addr)):
+            for ns, dev, addr, addr6 in ((self.host, f"rt{tag}a", self.own_addr, self.own_addr6),
+                                         (self.peer, f"rt{tag}b", self.peer_addr, self.peer_addr6)):
                 _ip("link", "set", dev, "netns", ns)
                 _ip("-n", ns, "link", "set", dev, "name", "eth0")
                 _ip("-n", ns, "addr", "add", f"{addr}/{PREFIX}", "dev", "eth0")
+                # nodad: usable at once, no duplicate-address probe to wait for
+                _ip("-n", ns, "addr", "add", f"{addr6}/{PREFIX6}", "dev", "eth0", "nodad")
                 _ip("-n", ns, "link", "set", "lo", "up")
                 _ip("-n", ns, "link", "set", "eth0", "up")
         except BaseException:
@@ -62,11 +68,11 @@ class Sandbox:
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
     def describe(self) -> str:
-        return (f"sandbox: namespaces {self.host} (eth0 {self.own_addr}/{PREFIX}) and "
-                f"{self.peer} (eth0 {self.peer_addr}/{PREFIX}), removed on exit")
+        return (f"sandbox: namespaces {self.host} (eth0 {self.own_addr}/{PREFIX} {self.own_addr6}/{PREFIX6}) and "
+                f"{self.peer} (eth0 {self.peer_addr}/{PREFIX} {self.peer_addr6}/{PREFIX6}), removed on exit")
 
-    def serve(self, ns: str | None, *ports: int, kind: str = "serve") -> None:
-        self._procs.append(start_listener(ns, ports, kind))
+    def serve(self, ns: str | None, *ports: int, kind: str = "serve", addresses: list[str] | None = None) -> None:
+        self._procs.append(start_listener(ns, ports, kind, addresses=addresses))
 
     def connect(self, ns: str | None, host: str, port: int, proto: str = "tcp") -> str:
         return connect_from(ns, host, port, proto)
@@ -110,13 +116,25 @@ def stop_process(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def start_listener(ns: str | None, ports, kind: str = "serve") -> subprocess.Popen:
-    """A listener on every address of `ns`, on each port; ready when this returns."""
-    proc = subprocess.Popen(_argv(ns, kind, *map(str, ports)), stdout=subprocess.PIPE, text=True)
+def listen_addresses(ns: str | None) -> list[str]:
+    """What a helper binds when not told: 127.0.0.1 and the namespace's own IPv4 addresses,
+    each by itself (never the wildcard)."""
+    from . import netns
+    return ["127.0.0.1", *netns.own_ipv4(netns.inode_of(ns))]
+
+
+def start_listener(ns: str | None, ports, kind: str = "serve", addresses: list[str] | None = None,
+                   drop: bool | None = None) -> subprocess.Popen:
+    """A listener on each of `addresses` (default: see listen_addresses) in `ns`, on each port;
+    ready when this returns. On a real host (ns None) it drops root to nobody once bound."""
+    addresses = list(addresses) if addresses else listen_addresses(ns)
+    drop = (ns is None) if drop is None else drop
+    args = [kind, *map(str, ports), "--bind", ",".join(addresses)] + (["--drop"] if drop else [])
+    proc = subprocess.Popen(_argv(ns, *args), stdout=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
         proc.wait()
-        raise EnvironmentProblem(f"could not listen on port {', '.join(map(str, ports))}"
+        raise EnvironmentProblem(f"could not listen on {', '.join(addresses)} port {', '.join(map(str, ports))}"
                                  f"{f' in {ns}' if ns else ''} (in use?)")
     return proc
 
@@ -135,40 +153,81 @@ def connect_from(ns: str | None, host: str, port: int, proto: str = "tcp") -> st
 MESSAGE = b"routetrace\n"
 
 
-def serve(ports: list[int]) -> None:
+MAX_CONNECTIONS = 256          # served at once; more are closed at accept
+CONNECTION_TIMEOUT_S = 5
+
+
+def _bound(addr: str, port: int, kind: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((addr, port))
+    if kind == socket.SOCK_STREAM:
+        sock.listen(1024)
+    return sock
+
+
+def _drop_root() -> None:
+    """A helper on a real host needs root only to bind: then it is nobody, with nothing."""
+    import os
+    if os.geteuid() == 0:
+        from .privileges import drop_privileges, nobody
+        uid, gid = nobody()
+        drop_privileges(uid=uid, gid=gid)
+
+
+def _one_reply(conn: socket.socket, slots) -> None:
+    """Echo what the first read brings, then close; each connection in its own thread, so a
+    client that sends nothing stalls only itself, for at most CONNECTION_TIMEOUT_S."""
+    try:
+        with conn:
+            conn.settimeout(CONNECTION_TIMEOUT_S)
+            data = conn.recv(65536)
+            if data:
+                conn.sendall(data)
+    except OSError:
+        pass
+    finally:
+        slots.release()
+
+
+def serve(ports: list[int], addresses: list[str] = ("0.0.0.0",), drop: bool = False) -> None:
     import selectors
+    import threading
     sel = selectors.DefaultSelector()
     for port in ports:
-        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        tcp.bind(("0.0.0.0", port))
-        tcp.listen(128)
-        sel.register(tcp, selectors.EVENT_READ, "tcp")
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        udp.bind(("0.0.0.0", port))
-        sel.register(udp, selectors.EVENT_READ, "udp")
+        for addr in addresses:
+            sel.register(_bound(addr, port, socket.SOCK_STREAM), selectors.EVENT_READ, "tcp")
+            sel.register(_bound(addr, port, socket.SOCK_DGRAM), selectors.EVENT_READ, "udp")
+    if drop:
+        _drop_root()
+    slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
     print("ready", flush=True)
     while True:
         for key, _ in sel.select():
             sock = key.fileobj
             if key.data == "tcp":
-                conn, _ = sock.accept()
-                conn.settimeout(5)
                 try:
-                    data = conn.recv(65536)
-                    if data:
-                        conn.sendall(data)
+                    conn, _ = sock.accept()
+                except OSError:
+                    continue
+                if not slots.acquire(blocking=False):
+                    conn.close()
+                    continue
+                threading.Thread(target=_one_reply, args=(conn, slots), daemon=True).start()
+            else:
+                try:
+                    data, peer = sock.recvfrom(65536)
+                    sock.sendto(data, peer)
                 except OSError:
                     pass
-                conn.close()
-            else:
-                data, peer = sock.recvfrom(65536)
-                sock.sendto(data, peer)
 
 
 def connect(host: str, port: int, proto: str) -> str:
     if proto == "udp":
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(5)
             s.connect((host, port))
             s.send(MESSAGE)
@@ -205,24 +264,24 @@ def _sink(conn: socket.socket) -> None:
         conn.sendall(str(total).encode())
 
 
-def bench_serve(base: int) -> None:
+def bench_serve(base: int, addresses: list[str] = ("0.0.0.0",), drop: bool = False) -> None:
     import threading
 
     def accept_loop(sock, handler):
         while True:
-            conn, _ = sock.accept()
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
             if handler is None:
                 conn.close()
             else:
                 threading.Thread(target=handler, args=(conn,), daemon=True).start()
 
-    socks = []
-    for offset, handler in ((0, _echo), (1, _sink), (2, None)):
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", base + offset))
-        sock.listen(1024)
-        socks.append((sock, handler))
+    socks = [(_bound(addr, base + offset, socket.SOCK_STREAM), handler)
+             for offset, handler in ((0, _echo), (1, _sink), (2, None)) for addr in addresses]
+    if drop:
+        _drop_root()
     for sock, handler in socks[1:]:
         threading.Thread(target=accept_loop, args=(sock, handler), daemon=True).start()
     print("ready", flush=True)
@@ -274,12 +333,16 @@ def _main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("ports", type=int, nargs="+")
+    s.add_argument("--bind", default="0.0.0.0", help="comma-separated addresses")
+    s.add_argument("--drop", action="store_true", help="become nobody once bound")
     c = sub.add_parser("connect")
     c.add_argument("host")
     c.add_argument("port", type=int)
     c.add_argument("--proto", choices=("tcp", "udp"), default="tcp")
     bs = sub.add_parser("bench-serve")
     bs.add_argument("base", type=int)
+    bs.add_argument("--bind", default="0.0.0.0")
+    bs.add_argument("--drop", action="store_true")
     bc = sub.add_parser("bench-client")
     bc.add_argument("mode", choices=("rr", "bulk", "conn"))
     bc.add_argument("host")
@@ -287,9 +350,9 @@ def _main(argv: list[str]) -> int:
     bc.add_argument("seconds", type=float)
     args = parser.parse_args(argv)
     if args.cmd == "serve":
-        serve(args.ports)
+        serve(args.ports, args.bind.split(","), args.drop)
     elif args.cmd == "bench-serve":
-        bench_serve(args.base)
+        bench_serve(args.base, args.bind.split(","), args.drop)
     elif args.cmd == "bench-client":
         import json
         print(json.dumps(bench_client(args.mode, args.host, args.base, args.seconds)))
@@ -305,3 +368,8 @@ if __name__ == "__main__":
         # The parent (prove, bench, a test) was interrupted and took the pipe with it: a helper
         # has nothing to add to the user's terminal.
         sys.exit(130)
+    except OSError as exc:
+        # E.g. its namespace was removed under it (the parent was interrupted while it started):
+        # one line, which the parent reports if it is still there to care.
+        print(f"routetrace helper: {exc.strerror or exc}", file=sys.stderr)
+        sys.exit(1)

@@ -55,9 +55,13 @@ class ProveRow:
 
 
 def local_table(ns: str | None) -> list[dict]:
-    args = ["ip", "-j", *(["-n", ns] if ns else []), "route", "show", "table", "local"]
-    out = subprocess.run(args, capture_output=True, text=True, check=False)
-    return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else []
+    """The local routing table of both families: every own address is a `local` route there."""
+    routes = []
+    for family in ("-4", "-6"):
+        args = ["ip", "-j", family, *(["-n", ns] if ns else []), "route", "show", "table", "local"]
+        out = subprocess.run(args, capture_output=True, text=True, check=False)
+        routes += json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else []
+    return routes
 
 
 def local_entry(addr: str, table: list[dict]) -> tuple[str | None, str | None]:
@@ -67,8 +71,10 @@ def local_entry(addr: str, table: list[dict]) -> tuple[str | None, str | None]:
     for route in table:
         if route.get("type") != "local":
             continue
-        net = ipaddress.ip_network(route["dst"] if "/" in route["dst"] else route["dst"] + "/32", strict=False)
-        if ip in net and (best is None or net.prefixlen > best[0].prefixlen):
+        dst = route["dst"]
+        net = ipaddress.ip_network(dst if "/" in dst else f"{dst}/{ipaddress.ip_address(dst).max_prefixlen}",
+                                   strict=False)
+        if net.version == ip.version and ip in net and (best is None or net.prefixlen > best[0].prefixlen):
             best = (net, route)
     if best is None:
         return None, None
@@ -117,8 +123,10 @@ def verdict(rows: list[ProveRow]) -> tuple[int, str]:
     kinds = {r.target.kind for r in rows}
     if LOOPBACK not in kinds or OWN not in kinds:
         return 1, "the claim was not tested: need both a 127.0.0.1 and an own-address destination"
-    text = ("the claim holds: 127.0.0.1 and own-address traffic both took a LOCAL route and left on lo "
-            "(nothing on the interface that holds the address)")
+    families = sorted({"IPv6" if ":" in r.target.addr else "IPv4" for r in rows})
+    text = ("the claim holds: loopback-range (127.0.0.1" + (", ::1" if "IPv6" in families else "") +
+            ") and own-address traffic both took a LOCAL route and left on lo "
+            f"(nothing on the interface that holds the address; {' and '.join(families)})")
     if CONTROL in kinds:
         text += "; the non-local control left on its real device"
     else:
@@ -141,11 +149,12 @@ def render(rows: list[ProveRow], code: int, text: str, losses) -> str:
 
 
 def run(plan, headers_path, *, ns: str | None, targets: list[Target], port: int, proto: str = "tcp",
-        closed: bool = False, record: str | None = None, as_json: bool = False, out=None, err=None) -> int:
+        closed: bool = False, record: str | None = None, as_json: bool = False, force: bool = False,
+        out=None, err=None) -> int:
     """Trace while a client reaches each target; print the rows and the verdict; return the exit code."""
     out, err = out or sys.stdout, err or sys.stderr
     expected = "refused" if closed else "ok"
-    recorder = TraceWriter(record) if record else None
+    recorder = TraceWriter(record, force=force) if record else None
     with Session(plan, headers_path, recorder) as session:
         print(f"Tracing ({plan.backend} plan) while a {proto.upper()} client reaches "
               f"{', '.join(t.addr for t in targets)} on port {port}"
@@ -173,23 +182,24 @@ def run(plan, headers_path, *, ns: str | None, targets: list[Target], port: int,
 
 
 def experiment(prepare, *, sandbox: bool, own: list[str], controls: list[str], port: int, proto: str,
-               closed: bool, record: str | None, as_json: bool) -> int:
+               closed: bool, record: str | None, as_json: bool, force: bool = False) -> int:
     """Set the stage (sandbox namespaces or this host, listeners, targets), then run().
     prepare(filters) -> (plan, headers) does the checks a live trace needs."""
     with contextlib.ExitStack() as stack:
         if sandbox:
             sb = enter_sandbox(stack)
-            ns, own, controls = sb.host, [sb.own_addr], [sb.peer_addr]
+            ns, own, controls = sb.host, [sb.own_addr, sb.own_addr6], [sb.peer_addr, sb.peer_addr6]
             if not closed:
-                sb.serve(sb.peer, port)
+                sb.serve(sb.peer, port, addresses=controls)
         else:
             ns, own = None, host_addresses(own)
+        loopbacks = ["127.0.0.1"] + (["::1"] if sandbox or any(":" in a for a in own) else [])
         if not closed:
-            stack.callback(stop_process, start_listener(ns, [port]))
+            stack.callback(stop_process, start_listener(ns, [port], addresses=[*loopbacks, *own]))
         table = local_table(ns)
-        targets = [Target("127.0.0.1", LOOPBACK, *local_entry("127.0.0.1", table))]
+        targets = [Target(a, LOOPBACK, *local_entry(a, table)) for a in loopbacks]
         targets += [Target(a, OWN, *local_entry(a, table)) for a in own]
         targets += [Target(a, CONTROL) for a in controls]
         plan, headers = prepare(Filters(port=port, netns=netns.inode_of(ns)))
         return run(plan, headers, ns=ns, targets=targets, port=port, proto=proto, closed=closed,
-                   record=record, as_json=as_json)
+                   record=record, as_json=as_json, force=force)

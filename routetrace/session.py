@@ -28,13 +28,15 @@ class OwnAddresses:
     """Own addresses per network namespace, looked up once each; `on_learn` sees every lookup
     (the recorder writes it down, so a replay classifies exactly as the live run did)."""
 
-    def __init__(self, on_learn: Callable[[int, set[str]], None] | None = None):
+    def __init__(self, on_learn: Callable[[int, set[str]], None] | None = None,
+                 lookup: Callable[[int], set[str]] = netns.addresses):
         self._cache: dict[int, set[str]] = {}
         self._on_learn = on_learn
+        self._lookup = lookup              # after a privilege drop: privileges.NetnsHelper.addresses
 
     def __call__(self, inode: int) -> set[str]:
         if inode not in self._cache:
-            self._cache[inode] = netns.addresses(inode)
+            self._cache[inode] = self._lookup(inode)
             if self._on_learn:
                 self._on_learn(inode, self._cache[inode])
         return self._cache[inode]
@@ -55,12 +57,13 @@ class Session:
     """A tracer plus what it has seen so far, optionally recorded to a file as it goes."""
 
     def __init__(self, plan: AttachPlan, headers_path, recorder: TraceWriter | None = None,
-                 kernel_release: str = "", keep_flows: int | None = DEFAULT_KEEP_FLOWS):
+                 kernel_release: str = "", keep_flows: int | None = DEFAULT_KEEP_FLOWS,
+                 addresses: Callable[[int], set[str]] = netns.addresses):
         self.plan, self.headers_path, self.recorder = plan, headers_path, recorder
         self.kernel_release = kernel_release or os.uname().release
         self.table = FlowTable(keep_flows)
         self.table.on_fold = self._folded
-        self.own = OwnAddresses(self._learned if recorder else None)
+        self.own = OwnAddresses(self._learned if recorder else None, addresses)
         self._tracer: Tracer | None = None
         self._last_record = 0.0
         self._last_drain = 0.0

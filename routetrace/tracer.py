@@ -108,6 +108,16 @@ class Tracer:
             raise EnvironmentProblem(f"could not load the {self.plan.backend} BPF program: {exc}") from None
         if self._table(b"new_flows") is not None:
             self._bpf[b"new_flows"].open_ring_buffer(self._on_new_flow)
+        # Opened now, read (from offset 0) at every loss check: still readable after the session
+        # drops root, so the missed-probe counter keeps moving (tracefs is root's).
+        self._profile_fd = None
+        if any(a.kind in ("kprobe", "kretprobe") for a in self.plan.attachments):
+            from .kernel import find_tracefs
+            tracefs = find_tracefs()
+            try:
+                self._profile_fd = os.open(tracefs / "kprobe_profile", os.O_RDONLY | os.O_CLOEXEC) if tracefs else None
+            except OSError:
+                self._profile_fd = None
         return self
 
     def _table(self, name: bytes):
@@ -118,6 +128,9 @@ class Tracer:
             return None
 
     def __exit__(self, *exc) -> None:
+        if getattr(self, "_profile_fd", None) is not None:
+            os.close(self._profile_fd)
+            self._profile_fd = None
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
@@ -272,12 +285,15 @@ class Tracer:
         """kprobe/kretprobe instances that did not run (nmissed), from tracefs' kprobe_profile."""
         if not any(a.kind in ("kprobe", "kretprobe") for a in self.plan.attachments):
             return {"xmit": 0, "route": 0}
-        from .kernel import find_tracefs
-        tracefs = find_tracefs()
-        try:
-            text = (tracefs / "kprobe_profile").read_text() if tracefs else ""
-        except OSError:
-            text = ""
+        if self._profile_fd is None:
+            if not self.attach:
+                return {"xmit": 0, "route": 0}      # loaded for the verifier only: nothing can miss
+            raise EnvironmentProblem("cannot read kprobe_profile: missed kprobes would go uncounted")
+        chunks, offset = [], 0
+        while chunk := os.pread(self._profile_fd, 1 << 16, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        text = b"".join(chunks).decode(errors="replace")
         xmit = {a.target for a in self.plan.attachments if a.fn == "xmit_entry"}
         return missed_by_role(text, os.getpid(), xmit)
 

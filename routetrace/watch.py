@@ -1,6 +1,7 @@
 """The live trace: attach, stream new flows, stop on Ctrl-C / SIGTERM / --duration, summarise."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -9,6 +10,7 @@ from typing import TextIO
 from .probes import AttachPlan
 from .record import TraceWriter
 from . import metrics as metrics_mod
+from . import netns, privileges
 from .flows import DEFAULT_KEEP_FLOWS
 from .render import (STREAM_HEADER, clock_offset_ns, json_line, loss_object, losses_line, stream_line,
                      summary_object, summary_text)
@@ -20,9 +22,13 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: float | None = None,
           record: str | None = None, force: bool = False, keep_flows: int | None = None,
-          metrics: str | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> TraceResult:
+          metrics: str | None = None, drop_root: bool = True, out: TextIO = sys.stdout,
+          err: TextIO = sys.stderr) -> TraceResult:
     offset = clock_offset_ns()
-    recorder = TraceWriter(record) if record else None
+    recorder = TraceWriter(record, force=force) if record else None
+    # Forked while root, before anything is loaded: looks up namespaces met after the drop.
+    helper = privileges.NetnsHelper() if drop_root and os.geteuid() == 0 else None
+    dropped = None
     previous = signal.getsignal(signal.SIGTERM)
 
     def write(text: str) -> None:
@@ -39,8 +45,12 @@ def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: fl
         write((json_line(loss_object(losses)) if as_json else f"LOST     {losses_line(losses)}") + "\n")
 
     try:
-        with Session(plan, headers_path, recorder, keep_flows=keep_flows or DEFAULT_KEEP_FLOWS) as session, \
+        with Session(plan, headers_path, recorder, keep_flows=keep_flows or DEFAULT_KEEP_FLOWS,
+                     addresses=helper.addresses if helper else netns.addresses) as session, \
                 metrics_mod.serving(metrics, session, info={"backend": plan.backend}) as server:
+            if helper is not None:
+                # Programs attached, maps and the recording open: the rest needs no root.
+                dropped = privileges.drop_privileges(privileges.capabilities_for_maps())
             session.on_loss = lost
             session.serve_metrics = server is not None
             if server is not None:
@@ -67,8 +77,12 @@ def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: fl
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if helper is not None:
+            helper.close()
     if as_json:
         print(json_line(summary_object(result.flows, result.verdict, result.losses, result.table, result.programs)), file=out, flush=True)
     else:
         print(summary_text(result.flows, result.verdict, result.losses, result.own, result.table), file=out, flush=True)
+    if dropped is not None:
+        print(privileges.describe(dropped), file=err, flush=True)
     return result

@@ -94,9 +94,11 @@ def test_a_storm_larger_than_the_default_map_is_accounted_packet_for_packet(quie
     assert to_own["errors"] == to_peer["errors"] == 0
     assert t.transmitted >= 70000 + 9000
     assert t.explained == t.transmitted, (t.summary["accounted"], t.summary["lost"])
-    udp = {(f["daddr"], f["dport"]): f for f in t.summary["flows"] if f["proto"] == "udp"}
-    folded_udp = sum(a["packets"] for a in t.summary["aggregates"] if a["proto"] == "udp")
-    assert sum(f["packets"] for f in udp.values()) + folded_udp == 70000 + 9000
+    udp = sum(f["packets"] for f in t.summary["flows"] if f["proto"] == "udp")
+    udp += sum(a["packets"] for a in t.summary["aggregates"] if a["proto"] == "udp")
+    # On a loaded machine user space may fall behind and the map fill: then those packets are
+    # counted as lost, never missing.
+    assert udp <= 70000 + 9000 <= udp + t.summary["lost"]["packets_lost"]
     # Every new flow streamed once (the summary keeps only --keep-flows of them as rows).
     assert len(keys(t.streamed)) == len(set(keys(t.streamed))) >= 73000
 

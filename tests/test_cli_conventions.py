@@ -1,6 +1,7 @@
 """bcc's command-line conventions (-p PID, -P PORT, -4/-6, -j), --netns that takes only real
 network namespaces, and help written for users."""
 import os
+from types import SimpleNamespace
 import subprocess
 import sys
 
@@ -31,7 +32,8 @@ def captured(monkeypatch):
     import routetrace.bench
     import routetrace.prove
     import routetrace.watch
-    monkeypatch.setattr(routetrace.watch, "watch", lambda plan, headers, **kw: seen.update(watch=kw, filters=plan))
+    monkeypatch.setattr(routetrace.watch, "watch",
+                        lambda plan, headers, **kw: seen.update(watch=kw, filters=plan) or SimpleNamespace(recording_error=None))
     monkeypatch.setattr(routetrace.prove, "experiment", lambda prepare, **kw: seen.update(prove=kw) or 0)
     monkeypatch.setattr(routetrace.bench, "experiment", lambda prepare, **kw: seen.update(bench=kw))
     return seen

@@ -24,8 +24,7 @@ ECHO6 = ("import socket\n"
 @pytest.fixture
 def sandbox6(sandbox):
     procs = []
-    for ns, addr in ((sandbox.host, OWN6), (sandbox.peer, PEER6)):
-        subprocess.run(["ip", "-n", ns, "addr", "add", f"{addr}/64", "dev", "eth0", "nodad"], check=True)
+    assert (sandbox.own_addr6, sandbox.peer_addr6) == (OWN6, PEER6)     # the sandbox has IPv6 (nodad)
     sandbox.serve6 = lambda ns, port: procs.append(_start(ns, ECHO6.format(port=port)))
     yield sandbox
     for p in procs:

@@ -80,17 +80,22 @@ def test_sandboxed_prove_holds_on_this_kernel(bpf_ready, args):
     out = _prove("--json", *args)
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(out.stdout)
-    rows = {r["kind"]: r for r in result["rows"]}
-    for kind in ("loopback", "own-address"):
-        assert rows[kind]["route_types"] == ["LOCAL"] and rows[kind]["route_devs"] == ["lo"]
-        assert set(rows[kind]["xmit_devs"]) == {"lo"}
-    assert rows["own-address"]["local_entry"] == "local 198.51.100.1 dev eth0"
-    assert rows["own-address"]["fib_devs"] == ["eth0"]
-    assert rows["control"]["route_types"] == ["UNICAST"] and set(rows["control"]["xmit_devs"]) == {"eth0"}
+    assert [(r["daddr"], r["kind"]) for r in result["rows"]] == [
+        ("127.0.0.1", "loopback"), ("::1", "loopback"), ("198.51.100.1", "own-address"),
+        ("2001:db8::1", "own-address"), ("198.51.100.2", "control"), ("2001:db8::2", "control")]
+    rows = {r["daddr"]: r for r in result["rows"]}
+    for daddr in ("127.0.0.1", "::1", "198.51.100.1", "2001:db8::1"):
+        assert rows[daddr]["route_types"] == ["LOCAL"] and rows[daddr]["route_devs"] == ["lo"]
+        assert set(rows[daddr]["xmit_devs"]) == {"lo"}
+    for own in ("198.51.100.1", "2001:db8::1"):
+        assert rows[own]["local_entry"] == f"local {own} dev eth0"
+        assert rows[own]["fib_devs"] == ["eth0"]
+    for control in ("198.51.100.2", "2001:db8::2"):
+        assert rows[control]["route_types"] == ["UNICAST"] and set(rows[control]["xmit_devs"]) == {"eth0"}
     expected_client = "refused" if "--closed" in args else "ok"
     assert {r["client"] for r in result["rows"]} == {expected_client}
     if "--closed" in args:       # SYN out and RST back, both on lo
-        assert rows["loopback"]["xmit_devs"] == {"lo": 2}
+        assert rows["127.0.0.1"]["xmit_devs"] == {"lo": 2} and rows["::1"]["xmit_devs"] == {"lo": 2}
     assert result["verdict"]["exit"] == 0
     created = sandbox_namespaces(out.stderr)
     assert not set(created) & set(namespaces())      # the sandbox is gone
@@ -103,7 +108,8 @@ def test_prove_records_a_trace_that_reports_the_same_flows(bpf_ready, tmp_path):
     assert out.returncode == 0, out.stderr
     trace = read_trace(path)
     assert trace.complete and trace.header["filters"]["port"] == 8888
-    assert {f.daddr for f in trace.flows if f.dport == 8888} == {"127.0.0.1", "198.51.100.1", "198.51.100.2"}
+    assert {f.daddr for f in trace.flows if f.dport == 8888} == {"127.0.0.1", "198.51.100.1", "198.51.100.2",
+                                                                 "::1", "2001:db8::1", "2001:db8::2"}
 
 
 @pytest.mark.bpf

@@ -74,16 +74,27 @@ def test_sigkill_leaves_what_was_seen_readable_as_incomplete(served, live, tmp_p
     assert "incomplete: no trailer" in report.stdout and "verdict: same path" in report.stdout
 
 
-def test_file_is_private_and_owned_by_the_sudo_user(bpf_ready, tmp_path):
-    path = tmp_path / "trace.jsonl"
-    env = dict(os.environ, SUDO_UID="65534", SUDO_GID="65534")
-    out = subprocess.run([sys.executable, "-m", "routetrace", "watch", "--port", "8888", "-d", "0.5",
-                          "--record", str(path)], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr
-    st = path.stat()
-    assert stat.S_IMODE(st.st_mode) == 0o600
-    assert (st.st_uid, st.st_gid) == (65534, 65534)
-    assert read_trace(path).complete
+def test_file_is_private_and_owned_by_the_sudo_user(bpf_ready):
+    # The file is created as the sudo user (record.create_private), so in a directory that
+    # user can reach and write (pytest's tmp_path is root's, 0700).
+    import shutil
+    import tempfile
+    from pathlib import Path
+    user_dir = Path(tempfile.mkdtemp(prefix="rt-sudo-", dir="/tmp"))
+    try:
+        os.chmod(user_dir, 0o755)
+        os.chown(user_dir, 65534, 65534)
+        path = user_dir / "trace.jsonl"
+        env = dict(os.environ, SUDO_UID="65534", SUDO_GID="65534")
+        out = subprocess.run([sys.executable, "-m", "routetrace", "watch", "--port", "8888", "-d", "0.5",
+                              "--record", str(path)], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr
+        st = path.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert (st.st_uid, st.st_gid) == (65534, 65534)
+        assert read_trace(path).complete
+    finally:
+        shutil.rmtree(user_dir, ignore_errors=True)
 
 
 def test_refuses_to_follow_a_symlink_at_the_target(bpf_ready, tmp_path):

@@ -87,6 +87,11 @@ def _flow_index(lines):
     return next(i for i, line in enumerate(lines) if '"type":"flow"' in line)
 
 
+def _last_flow_index(lines):
+    """The last snapshot of a flow: the one a reader keeps."""
+    return max(i for i, line in enumerate(lines) if '"type":"flow"' in line)
+
+
 MALFORMED = {
     "unknown format": (lambda l: _mutate(l, 0, lambda o: o.update(format="pcap")),
                        ":1: unknown format 'pcap'"),
@@ -102,9 +107,37 @@ MALFORMED = {
                           "must map device names to packet counts"),
     "missing field": (lambda l: _mutate(l, _flow_index(l), lambda o: o.pop("route_dev")),
                       "flow is missing field 'route_dev'"),
-    "unknown field": (lambda l: _mutate(l, _flow_index(l), lambda o: o.update(colour="red")),
-                      "flow has unknown field 'colour'"),
-    "unknown record": (lambda l: l[:1] + ['{"type":"mystery"}'] + l[1:], ":2: unknown record type 'mystery'"),
+    "deep nesting": (lambda l: l[:1] + ['{"type":"netns","x":' + "[" * 100000 + "]" * 100000 + "}"] + l[1:],
+                     ":2: nested more than 32 levels deep"),
+    "2 MB line": (lambda l: l[:2] + ['{"type":"flow","comm":"' + "a" * (2 << 20) + '"}'] + l[2:],
+                  ":3: line longer than 1 MiB"),
+    "huge integer": (lambda l: _mutate(l, _flow_index(l), lambda o: o.update(packets=10 ** 40)),
+                     ":3: flow field 'packets' is out of range"),
+    "absurd integer": (lambda l: l[:1] + ['{"type":"loss","lost":{"x":' + "9" * 5000 + '}}'] + l[1:],
+                       ":2: corrupt line (not JSON)"),
+    "integer past u64": (lambda l: _mutate(l, _flow_index(l), lambda o: o.update(bytes=2 ** 64)),
+                         "flow field 'bytes' is out of range"),
+    "NaN": (lambda l: l[:1] + ['{"type":"loss","lost":{"total":NaN}}'] + l[1:], ":2: NaN is not a JSON number"),
+    "infinity": (lambda l: l[:1] + ['{"type":"loss","lost":{"x":1e999}}'] + l[1:], ":2: a number is out of range"),
+    "wrong family": (lambda l: _mutate(l, _flow_index(l), lambda o: o.update(daddr="::1", family=4)),
+                     "flow field 'daddr' '::1' is not an IPv4 address (family 4)"),
+    "bad family": (lambda l: _mutate(l, _flow_index(l), lambda o: o.update(family=5)),
+                   "flow field 'family' must be 4 or 6"),
+    "lone surrogate": (lambda l: _mutate(l, _flow_index(l), lambda o: o.update(comm="\ud800")),
+                       "not valid Unicode"),
+    "trailer lost not a count": (lambda l: _mutate(l, -1, lambda o: o["lost"].update(events_dropped="7")),
+                                 "trailer counter 'events_dropped' is not an integer (str)"),
+    "trailer lost a list": (lambda l: _mutate(l, -1, lambda o: o.update(lost=[1])), "trailer needs loss counters"),
+    "netns address": (lambda l: _mutate(l, 1, lambda o: o.update(addresses=["not-an-ip"])),
+                      "netns address is not an IP address"),
+    "bad device entry": (lambda l: _mutate(l, _flow_index(l), lambda o: o.update(devices=[{"name": 1}])),
+                         "flow field 'devices' name is not a string"),
+    "fold without key": (lambda l: l[:-1] + ['{"type":"fold","netns":1}'] + l[-1:], "fold daddr is not an IP address"),
+    "aggregate wrong types": (lambda l: l[:-1] + ['{"type":"aggregate","family":4,"loopback":"yes"}'] + l[-1:],
+                              "aggregate loopback must be true or false"),
+    "second header": (lambda l: l[:1] + l[:1] + l[1:], ":2: a second header"),
+    "unknown record of this minor": (lambda l: l[:1] + ['{"type":"mystery"}'] + l[1:],
+                                     ":2: unknown record type 'mystery'"),
     "after trailer": (lambda l: l + [l[1]], "record after the trailer"),
     "not an object": (lambda l: l[:1] + ["[1,2]"] + l[1:], "must be a JSON object"),
 }
@@ -201,3 +234,113 @@ def test_a_kprobe_plan_trace_from_a_vm_reads_and_reports_the_same_way(capsys):
     assert code == 0
     assert "kprobe plan" in out.splitlines()[0]
     assert "verdict: same path: 127.0.0.1-range and own-address flows both left on lo" in out
+
+
+def test_unknown_fields_are_kept_and_exported_back(capsys, tmp_path):
+    """The versioning policy: a new optional field keeps the version, so readers keep it."""
+    lines = lines_of()
+    lines = _mutate(lines, 0, lambda o: o.update(colour_scheme="dark"))
+    lines = _mutate(lines, _last_flow_index(lines), lambda o: o.update(colour="red", nested={"a": [1, 2]}))
+    lines = _mutate(lines, -1, lambda o: (o.update(new_total=3), o["lost"].update(future_counter=5)))
+    path = write(tmp_path, lines)
+    trace = read_trace(path)
+    flow = next(f for f in trace.flows if f.extra)
+    assert flow.extra == {"colour": "red", "nested": {"a": [1, 2]}}
+    assert trace.header["colour_scheme"] == "dark" and trace.trailer["new_total"] == 3
+    assert trace.losses.total == 0
+    code, out, _ = run(capsys, "export", path, "--format", "json")
+    assert code == 0
+    exported = json.loads(out)
+    assert sum(1 for f in exported if f.get("colour") == "red" and f["nested"] == {"a": [1, 2]}) == 1
+    code, out, _ = run(capsys, "report", path)
+    assert code == 0 and "verdict: same path" in out
+
+
+def test_an_older_reader_reads_a_newer_minor_format(capsys, tmp_path, monkeypatch):
+    """A 1.2 file (a new record type, new fields) read by this reader, and by one that knows only 1.0."""
+    from routetrace import record
+    lines = _mutate(lines_of(), 0, lambda o: o.update(minor=2))
+    lines = lines[:2] + ['{"type":"histogram","buckets":[1,2,3]}', '{"type":"histogram","buckets":[]}',
+                         '{"type":"annotation","text":"\\u001b[2J"}'] + lines[2:]
+    lines = _mutate(lines, _last_flow_index(lines), lambda o: o.update(hops=3))
+    path = write(tmp_path, lines)
+    for minor in (record.MINOR, 0):
+        monkeypatch.setattr(record, "MINOR", minor)
+        trace = read_trace(path)
+        assert trace.complete and len(trace.flows) == 5
+        assert trace.unknown_records == {"histogram": 2, "annotation": 1}
+        assert sum(1 for f in trace.flows if f.extra == {"hops": 3}) == 1
+    code, out, _ = run(capsys, "report", path)
+    assert code == 0 and "skipped records of a newer format (minor 2): annotation x1, histogram x2" in out
+
+
+def test_ipv6_flows_are_read(tmp_path):
+    lines = lines_of()
+    v6 = _mutate(lines, _last_flow_index(lines), lambda o: o.update(saddr="::1", daddr="0:0::1", family=6))[_last_flow_index(lines)]
+    path = write(tmp_path, lines[:3] + [v6] + lines[3:])
+    trace = read_trace(path)
+    six = [f for f in trace.flows if f.family == 6]
+    assert len(six) == 1 and six[0].daddr == "::1"          # normalised to RFC 5952
+    # A writer that left "family" out: the addresses tell, and must agree.
+    bare = json.loads(v6)
+    del bare["family"]
+    assert read_trace(write(tmp_path, lines[:3] + [json.dumps(bare)] + lines[3:])).flows[-1].family in (4, 6)
+    bare["saddr"] = "127.0.0.1"
+    with pytest.raises(TraceFileError, match="is not an IPv6 address"):
+        read_trace(write(tmp_path, lines[:3] + [json.dumps(bare)] + lines[3:]))
+
+
+def test_report_of_a_trace_with_ipv4_and_ipv6_flows(capsys, tmp_path):
+    lines = lines_of()
+    v6 = _mutate(lines, _last_flow_index(lines), lambda o: o.update(saddr="::1", daddr="::1", family=6))[_last_flow_index(lines)]
+    code, out, err = run(capsys, "report", write(tmp_path, lines[:3] + [v6] + lines[3:]))
+    assert code == 0 and "::1" in out, err
+
+
+def test_a_fifo_is_refused_at_once(capsys, tmp_path):
+    import os
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, out, err = run(capsys, "report", fifo)
+    assert code == 2 and "is not a regular file" in err and len(err.splitlines()) == 1
+
+
+ATTACK = "=1+\x1b]2;pwn\x07\x1b[2J"
+
+
+def test_untrusted_strings_are_escaped_in_report_and_neutralised_in_csv(capsys, tmp_path):
+    lines = lines_of()
+    lines = _mutate(lines, 0, lambda o: o.update(hostname="evil\x1b]0;x\x07", kernel="6.18\u202e"))
+    lines = _mutate(lines, _last_flow_index(lines), lambda o: o.update(comm=ATTACK))
+    path = write(tmp_path, lines)
+    code, out, _ = run(capsys, "report", path)
+    assert code == 0
+    assert out.splitlines()[0].startswith("trace of evil\\x1b]0;x\\x07 (kernel 6.18\\u202e)")
+    code, out, _ = run(capsys, "export", path, "--format", "csv")
+    assert code == 0 and "\x1b" not in out and "\x07" not in out
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert sum(1 for r in rows if r["comm"] == "'=1+\\x1b]2;pwn\\x07\\x1b[2J") == 1
+    for row in rows:
+        assert not any(str(v).startswith(("=", "+", "-", "@", "\t", "\r")) for v in row.values())
+    code, out, _ = run(capsys, "export", path, "--format", "json")
+    assert code == 0 and "\x1b" not in out
+    assert sum(1 for f in json.loads(out) if f["comm"] == ATTACK) == 1      # JSON carries the exact name
+
+
+def test_export_streams_json_in_the_same_shape_as_before(capsys):
+    code, out, _ = run(capsys, "export", TRACE, "--format", "json")
+    assert code == 0
+    assert out == json.dumps([f.to_dict() for f in read_trace(TRACE).flows], indent=2) + "\n"
+
+
+def test_a_file_of_endless_unique_flows_is_bounded_like_the_live_table(tmp_path):
+    lines = _mutate(lines_of(), 0, lambda o: o.update(keep_flows=500))
+    flow = json.loads(lines[_last_flow_index(lines)])
+    many = []
+    for i in range(3000):
+        flow.update(sport=i + 1, first_ns=i)
+        many.append(json.dumps(flow))
+    trace = read_trace(write(tmp_path, lines[:-1] + many + lines[-1:]))
+    assert len(trace.flows) == 1000                       # 2 x keep_flows rows ...
+    assert trace.table.folded > 0 and trace.table.aggregates   # ... the rest counted in aggregates
+    assert trace.table.packets >= 3000 * flow["packets"]

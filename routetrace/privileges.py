@@ -1,0 +1,352 @@
+"""Least privilege for a live trace. Loading and attaching BPF programs needs root; what comes
+after does not: on this kernel (6.5 and later) reading, deleting and batch-draining a map through
+an fd the process already holds, and polling or mmapping a ring buffer, are not capability-checked.
+So once the programs are attached and the maps open, the session calls `drop_privileges()`:
+the process becomes the invoking user (SUDO_UID/SUDO_GID, else nobody) with no capabilities at
+all (unless `keep` names some), an emptied bounding set, no ambient capabilities, no_new_privs and
+not dumpable (the user cannot ptrace it to borrow its BPF fds). Files opened before (the
+recording) stay writable.
+
+One thing the rest of a run still needs privilege for: learning the own addresses of a network
+namespace that appears later (setns needs CAP_SYS_ADMIN; opening another user's
+/proc/PID/ns/net needs CAP_SYS_PTRACE). That is done by a tiny helper process forked before the
+drop (`NetnsHelper`): it is the invoking user too, keeps only CAP_SYS_ADMIN and CAP_SYS_PTRACE,
+and takes one kind of request, an integer inode, answering with a list of addresses. Each
+lookup runs in a fresh child that enters the namespace, drops those two capabilities as well and
+reads the addresses over netlink (`ip -j addr`, no capability needed).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import socket
+import struct
+from typing import Iterable
+
+from .errors import EnvironmentProblem
+
+CAPS = {
+    "chown": 0, "dac_override": 1, "dac_read_search": 2, "fowner": 3, "fsetid": 4, "kill": 5,
+    "setgid": 6, "setuid": 7, "setpcap": 8, "linux_immutable": 9, "net_bind_service": 10,
+    "net_broadcast": 11, "net_admin": 12, "net_raw": 13, "ipc_lock": 14, "ipc_owner": 15,
+    "sys_module": 16, "sys_rawio": 17, "sys_chroot": 18, "sys_ptrace": 19, "sys_pacct": 20,
+    "sys_admin": 21, "sys_boot": 22, "sys_nice": 23, "sys_resource": 24, "sys_time": 25,
+    "sys_tty_config": 26, "mknod": 27, "lease": 28, "audit_write": 29, "audit_control": 30,
+    "setfcap": 31, "mac_override": 32, "mac_admin": 33, "syslog": 34, "wake_alarm": 35,
+    "block_suspend": 36, "audit_read": 37, "perfmon": 38, "bpf": 39, "checkpoint_restore": 40,
+}
+CAP_NAMES = {v: k for k, v in CAPS.items()}
+
+PR_SET_DUMPABLE, PR_SET_KEEPCAPS, PR_CAPBSET_DROP = 4, 8, 24
+PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 38, 47
+PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 2, 4
+_CAP_VERSION_3 = 0x20080522
+CLONE_NEWNET = 0x40000000
+
+# What the netns helper keeps: setns into a namespace, and open another user's /proc/PID/ns/net.
+NETNS_HELPER_CAPS = ("sys_admin", "sys_ptrace")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:
+    rc = _libc.prctl(option, arg2, arg3, 0, 0)
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+    return rc
+
+
+def _capset(effective: int, permitted: int, inheritable: int = 0) -> None:
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i in range(2):
+        data[i].effective = (effective >> (32 * i)) & 0xFFFFFFFF
+        data[i].permitted = (permitted >> (32 * i)) & 0xFFFFFFFF
+        data[i].inheritable = (inheritable >> (32 * i)) & 0xFFFFFFFF
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+def cap_mask(names: Iterable[str]) -> int:
+    mask = 0
+    for name in names:
+        key = name.lower().removeprefix("cap_")
+        if key not in CAPS:
+            raise ValueError(f"unknown capability {name!r}")
+        mask |= 1 << CAPS[key]
+    return mask
+
+
+def cap_names(mask: int) -> list[str]:
+    return [f"cap_{CAP_NAMES.get(i, str(i))}" for i in range(64) if mask >> i & 1]
+
+
+def _last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return max(CAPS.values())
+
+
+def status(pid: int | str = "self") -> dict:
+    """Uid, Gid, CapEff, CapPrm, CapBnd, CapAmb, NoNewPrivs of a process, from /proc/PID/status."""
+    out = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("Uid", "Gid"):
+                out[key] = [int(v) for v in value.split()]
+            elif key in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):
+                out[key] = int(value.strip(), 16)
+            elif key == "NoNewPrivs":
+                out[key] = int(value)
+    return out
+
+
+def target_user() -> tuple[int, int, str]:
+    """Who to become: the sudo user, else nobody."""
+    import pwd
+    uid, gid = os.environ.get("SUDO_UID", ""), os.environ.get("SUDO_GID", "")
+    if uid.isdigit() and int(uid) != 0:
+        try:
+            name = pwd.getpwuid(int(uid)).pw_name
+        except KeyError:
+            name = uid
+        return int(uid), int(gid) if gid.isdigit() else int(uid), name
+    try:
+        pw = pwd.getpwnam("nobody")
+        return pw.pw_uid, pw.pw_gid, "nobody"
+    except KeyError:
+        return 65534, 65534, "nobody"
+
+
+def drop_privileges(keep: Iterable[str] = (), *, uid: int | None = None, gid: int | None = None,
+                    dumpable: bool = False) -> dict:
+    """Become `uid`/`gid` (default: the sudo user, else nobody) keeping only the capabilities
+    named in `keep` ("cap_sys_admin" or "sys_admin"), with no_new_privs; returns what it did.
+    Call it with no other thread running: credentials and capabilities are per thread.
+    Not root: changes nothing and says so."""
+    keep_mask = cap_mask(keep)
+    if uid is None:
+        uid, default_gid, name = target_user()
+        gid = default_gid if gid is None else gid
+    else:
+        name = str(uid)
+        gid = uid if gid is None else gid
+    threads = len(os.listdir("/proc/self/task"))
+    if os.geteuid() != 0:
+        return _drop_capabilities_only(keep_mask, threads, dumpable)
+    try:
+        for cap in range(_last_cap() + 1):
+            if not keep_mask >> cap & 1:
+                _prctl(PR_CAPBSET_DROP, cap)
+        _prctl(PR_SET_KEEPCAPS, 1)
+        os.setgroups([gid])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        _capset(keep_mask, keep_mask, 0)
+        _prctl(PR_SET_KEEPCAPS, 0)
+        _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)
+        _prctl(PR_SET_DUMPABLE, 1 if dumpable else 0)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot drop privileges to uid {uid}: {exc.strerror or exc}") from None
+    st = status()
+    return {"dropped": True, "user": name, "uid": st["Uid"][1], "gid": st["Gid"][1],
+            "caps": cap_names(st["CapEff"]), "bounding": cap_names(st["CapBnd"]),
+            "no_new_privs": bool(st["NoNewPrivs"]), "threads": threads}
+
+
+def _drop_capabilities_only(keep_mask: int, threads: int, dumpable: bool) -> dict:
+    """Not root, but perhaps started with capabilities (capsh --addamb ...): keep the user,
+    drop every capability not in `keep`, ambient ones included."""
+    import pwd
+    st = status()
+    uid = os.getuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    if not (st.get("CapPrm", 0) | st.get("CapAmb", 0)):
+        return {"dropped": False, "reason": "not running as root", "user": name, "uid": uid, "gid": os.getgid(),
+                "caps": [], "no_new_privs": bool(st.get("NoNewPrivs")), "threads": threads}
+    keep_mask &= st.get("CapPrm", 0)
+    try:
+        _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+        if st.get("CapEff", 0) >> CAPS["setpcap"] & 1:
+            for cap in range(_last_cap() + 1):
+                if not keep_mask >> cap & 1:
+                    _prctl(PR_CAPBSET_DROP, cap)
+        _capset(keep_mask, keep_mask, 0)
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)
+        _prctl(PR_SET_DUMPABLE, 1 if dumpable else 0)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot drop capabilities: {exc.strerror or exc}") from None
+    st = status()
+    return {"dropped": True, "user": name, "uid": uid, "gid": os.getgid(), "caps": cap_names(st["CapEff"]),
+            "bounding": cap_names(st["CapBnd"]), "no_new_privs": bool(st["NoNewPrivs"]), "threads": threads}
+
+
+def capabilities_for_maps(release: str | None = None) -> list[str]:
+    """What reading and draining already-open BPF maps needs. Before 6.5 every bpf(2) command
+    was refused without CAP_BPF (CAP_SYS_ADMIN before 5.8) when unprivileged BPF is disabled, as
+    distributions ship it; since 6.5 commands on fds the process holds are not capability-checked."""
+    import re
+    release = release or os.uname().release
+    version = tuple(int(x) for x in re.findall(r"\d+", release)[:2])
+    if version >= (6, 5):
+        return []
+    return ["cap_bpf"] if version >= (5, 8) else ["cap_sys_admin"]
+
+
+def describe(result: dict) -> str:
+    """One line for the summary or doctor."""
+    if not result.get("dropped"):
+        return f"privileges: kept ({result.get('reason', 'not dropped')})"
+    caps = ", ".join(result["caps"]) or "no capabilities"
+    return f"privileges: dropped to {result['user']} (uid {result['uid']}) with {caps}, no_new_privs"
+
+
+# ---- the namespace-address helper --------------------------------------------------------
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _lookup_in_child(inode: int) -> list[str]:
+    """Runs in a fresh child of the helper: enter the namespace, drop the rest, read addresses."""
+    from . import netns
+    if inode != netns.current_inode():
+        name = netns.name_of(inode)
+        pid = None if name else netns._pid_in(inode)
+        path = str(netns.NETNS_RUN_DIR / name) if name else (f"/proc/{pid}/ns/net" if pid else None)
+        if path is None:
+            return []
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if os.fstat(fd).st_ino != inode:
+            return []
+        _setns(fd)
+        os.close(fd)
+    _capset(0, 0, 0)
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    return sorted(netns.addresses(inode))
+
+
+def _serve(sock: socket.socket) -> None:
+    """The helper's loop: 8-byte inode in, a JSON list of addresses out; ends when the other
+    side closes."""
+    while True:
+        data = b""
+        while len(data) < 8:
+            chunk = sock.recv(8 - len(data))
+            if not chunk:
+                return
+            data += chunk
+        (inode,) = struct.unpack("=Q", data)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.close(r)
+                os.write(w, json.dumps(_lookup_in_child(inode)).encode())
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(w)
+        out = b""
+        while chunk := os.read(r, 65536):
+            out += chunk
+        os.close(r)
+        os.waitpid(pid, 0)
+        try:
+            addrs = [a for a in json.loads(out) if isinstance(a, str)] if out else []
+        except ValueError:
+            addrs = []
+        reply = json.dumps(addrs).encode()
+        sock.sendall(struct.pack("=I", len(reply)) + reply)
+
+
+class NetnsHelper:
+    """A small process, forked while still root, that looks up a namespace's own addresses for
+    the unprivileged session. `addresses(inode)` is a drop-in for `netns.addresses`."""
+
+    def __init__(self, uid: int | None = None, gid: int | None = None):
+        if uid is None:
+            uid, gid, _ = target_user()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                keep = child.fileno()
+                os.closerange(3, keep)           # no BPF fds, no recording in the helper
+                os.closerange(keep + 1, 65536)
+                drop_privileges(NETNS_HELPER_CAPS, uid=uid, gid=gid)
+                _serve(child)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        child.close()
+        self.pid, self._sock = pid, parent
+
+    def addresses(self, inode: int) -> set[str]:
+        if self._sock is None:
+            return set()
+        try:
+            self._sock.sendall(struct.pack("=Q", inode))
+            (size,) = struct.unpack("=I", self._recv(4))
+            return set(json.loads(self._recv(size)))
+        except (OSError, ValueError, struct.error):
+            return set()
+
+    def _recv(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self._sock.recv(n - len(data))
+            if not chunk:
+                raise OSError("netns helper is gone")
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+
+    def __enter__(self) -> "NetnsHelper":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def nobody() -> tuple[int, int]:
+    import pwd
+    try:
+        pw = pwd.getpwnam("nobody")
+        return pw.pw_uid, pw.pw_gid
+    except KeyError:
+        return 65534, 65534
