@@ -166,3 +166,18 @@ def test_losses_are_reported_not_hidden():
                     "notices dropped (those flows were streamed late, their packets counted); 4 route answers "
                     "and 0 FIB lookups missed\nother: 9 packets not decoded (not IPv4/IPv6 TCP, UDP, ICMP)")
     assert "No flows matched." in summary_text([], verdict([], own), LossCounters(), own)
+
+
+def test_a_recorded_ipv6_trace_reads_back_with_its_classification():
+    """Recorded on this machine (6.18, tracepoint plan): watch --netns NS --port 8888 --record, with
+    clients to 127.0.0.1, ::1, the own addresses 198.51.100.1 / 2001:db8::1 and the peer's."""
+    from routetrace.record import read_trace
+    trace = read_trace(FIXTURES / "trace-tracepoint-6.18-ipv6.jsonl")
+    assert trace.complete and trace.header["minor"] == 1
+    v = verdict(trace.flows, trace.own_addresses, trace.table.aggregates.values())
+    kinds = {(d.daddr, d.kind) for d in v.destinations}
+    assert {("::1", LOOPBACK), (OWN_ADDR6, OWN), ("2001:db8::2", OTHER)} <= kinds
+    assert v.holds is True
+    six = [f for f in trace.flows if f.family == 6 and f.dport == 8888]
+    assert {(f.daddr, f.route_type, f.route_dev) for f in six} == {
+        ("::1", "LOCAL", "lo"), (OWN_ADDR6, "LOCAL", "lo"), ("2001:db8::2", "UNICAST", "eth0")}

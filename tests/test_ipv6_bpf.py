@@ -131,3 +131,20 @@ def test_an_ipv4_mapped_destination_is_shown_as_the_ipv4_route_it_took(sandbox, 
     assert rc == 0, err
     (flow,) = flows_to(json_objects(out)[-1], "127.0.0.1", 8888)
     assert flow["family"] == 4 and flow["route_type"] == "LOCAL" and flow["v4_mapped_socket"] is True
+
+
+def test_an_ipv6_recording_reports_exactly_what_the_live_run_showed(sandbox6, live, tmp_path):
+    sb = sandbox6
+    sb.serve6(sb.host, 8888)
+    sb.serve6(sb.peer, 8888)
+    path = tmp_path / "v6.jsonl"
+    run = live("watch", "--netns", sb.host, "--port", "8888", "--record", str(path))
+    for target in ("::1", OWN6, PEER6):
+        assert client(sb.host, target, 8888) == "ok"
+    rc, out, err = run.stop()
+    assert rc == 0, err
+    live_summary = out[out.index("\nPROTO "):]
+    report = subprocess.run([sys.executable, "-m", "routetrace", "report", str(path)], capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    assert report.stdout.split("\n", 1)[1] == live_summary
+    assert "[2001:db8::1]:8888" in live_summary and "own-address" in live_summary
