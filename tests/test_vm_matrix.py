@@ -56,9 +56,16 @@ class MatrixRun:
     dry_run: str
 
 
-def _routetrace(*args):
-    return subprocess.run([sys.executable, "-m", "routetrace", *args], capture_output=True, text=True,
-                          timeout=300)
+def _routetrace(*args) -> str:
+    """What `routetrace ARGS` prints (stdout and stderr), run in this process: a Python start
+    costs seconds under TCG."""
+    import contextlib
+    import io
+    from routetrace import cli
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        cli.main(list(args))
+    return out.getvalue()
 
 
 def _scenario_local_and_peer(sb):
@@ -96,9 +103,9 @@ def matrix():
     backend = EXPECTED_BACKEND
     kernel.mount_tracefs()
     limits = kernel.gather().limits(backend)
-    doctor = _routetrace("doctor")
-    dry = _routetrace("watch", "--dry-run", "--backend", backend)
-    assert dry.returncode == 0, dry.stderr
+    # Only where the plan is blind somewhere are the statements needed (and checked).
+    doctor = _routetrace("doctor") if limits else ""
+    dry_run = _routetrace("watch", "--dry-run", "--backend", backend) if limits else ""
     with ExitStack() as stack:
         scenarios = {}
         for name in SCENARIOS:
@@ -116,7 +123,7 @@ def matrix():
         for sc in scenarios.values():
             sc.flows = [f for f in summary["flows"] if f["netns"] == sc.netns]
         yield MatrixRun(backend, err, summary, [o for o in objects if o.get("type") == "flow"], scenarios,
-                        limits, doctor.stdout + doctor.stderr, dry.stdout + dry.stderr)
+                        limits, doctor, dry_run)
 
 
 def _one(flows, **match):
