@@ -12,6 +12,7 @@ Where a plan cannot see something on a kernel, KernelFacts.limits() names it; `d
 `watch --dry-run` must print that statement, and the test asserts the statement in place of
 the value: never a silent skip.
 """
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXPECTED_BACKEND, LiveRoutetrace, _bpf_unavailable, json_objects
+from conftest import EXPECTED_BACKEND, LiveRoutetrace, _bpf_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,13 +118,23 @@ def matrix():
             scenarios[name].outcome = play(scenarios[name].sandbox)
         rc, out, err = run.stop(signal.SIGINT, timeout=STOP_TIMEOUT)
         assert rc == 0, err
-        objects = json_objects(out)
+        objects = _json_lines(out)
         summary = objects[-1]
         assert summary["type"] == "summary", out[-2000:]
         for sc in scenarios.values():
             sc.flows = [f for f in summary["flows"] if f["netns"] == sc.netns]
         yield MatrixRun(backend, err, summary, [o for o in objects if o.get("type") == "flow"], scenarios,
                         limits, doctor, dry_run)
+
+
+def _json_lines(out: str) -> list:
+    objects = []
+    for number, line in enumerate(out.splitlines(), 1):
+        try:
+            objects.append(json.loads(line))
+        except ValueError as exc:
+            raise AssertionError(f"watch --json line {number} is not one JSON object ({exc}): {line!r}") from None
+    return objects
 
 
 def _one(flows, **match):
