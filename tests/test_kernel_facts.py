@@ -16,6 +16,25 @@ FIXTURES = sorted(FACTS_DIR.glob("*.json"))
 EXPECTED_SERIES = ("5.10.", "6.1.", "6.12.", "6.18.", "7.")
 
 
+_BTF_CACHE = {}
+
+
+@pytest.fixture(autouse=True)
+def _btf_parsed_once(monkeypatch):
+    """choose() reads this host's BTF for offsets (irrelevant here; the plan's attachments are
+    what is checked): parse it once for the module, not once per kernel and backend."""
+    from routetrace.btf import Btf
+    original = Btf.__dict__["load"]
+    cache = _BTF_CACHE
+
+    def load(cls, *args, **kw):
+        key = (args, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = original.__func__(cls, *args, **kw)
+        return cache[key]
+    monkeypatch.setattr(Btf, "load", classmethod(load))
+
+
 def _load(path):
     return KernelFacts.from_dict(json.loads(path.read_text()))
 
