@@ -315,9 +315,22 @@ def export(trace_file, fmt, output, force):
 
 
 @cli.command()
-def doctor():
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the kernel facts as one JSON object (with the plan each backend gets, or why not).")
+def doctor(as_json):
     """What this machine offers for tracing, and the attach plan routetrace would use."""
     facts = kernel.gather(prepare_headers=os.geteuid() == 0)
+    if as_json:
+        import json
+        data = facts.to_dict()
+        data["plans"] = {}
+        for backend in probes.BACKENDS:
+            try:
+                data["plans"][backend] = probes.choose(facts, probes.Filters(), backend).describe()
+            except RoutetraceError as exc:
+                data["plans"][backend] = {"error": str(exc)}
+        click.echo(json.dumps(data, sort_keys=True))
+        return
     hdr = facts.headers
     rows = [
         ("kernel", facts.release, ""),
@@ -325,6 +338,7 @@ def doctor():
         ("BTF", "/sys/kernel/btf/vmlinux" if facts.btf else "missing", "struct offsets come from here"),
         ("tracefs", str(facts.tracefs or "not mounted"), "" if facts.tracefs else "mounted on demand as root"),
         ("kprobes", "yes" if facts.kprobes else "no", "" if facts.kprobes else "CONFIG_KPROBES off"),
+        ("raw tracepoints", "yes" if facts.raw_tracepoints else "no", ""),
     ]
     rows += [(f"tracepoint {tp}", "yes" if ok else "no", "") for tp, ok in facts.tracepoints.items()]
     rows += [(f"symbol {s}", facts.symbols.get(s, "absent"), "") for s in kernel.SYMBOLS]
@@ -347,6 +361,8 @@ def doctor():
         problems.append(str(exc))
     else:
         click.echo("\n" + plan.render())
+        for statement in facts.limits(plan.backend).values():
+            click.echo(f"  cannot see: {statement}")
     if problems:
         raise EnvironmentProblem("cannot trace here: " + "; ".join(problems))
 

@@ -1,6 +1,9 @@
-"""Facts about the running kernel and machine. Pure data, gathered once; `doctor` prints it."""
+"""Facts about the running kernel and machine. Pure data, gathered once; `doctor` prints it.
+`KernelFacts.to_dict()`/`from_dict()` make them data: `doctor --json` prints them, scripts/vm-test
+collects them from every kernel it boots, and tests/fixtures/kernel-facts/ keeps them."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -11,8 +14,15 @@ from .btf import VMLINUX_BTF
 from .errors import EnvironmentProblem
 
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
-TRACEPOINTS = ("fib/fib_table_lookup", "net/net_dev_queue", "net/net_dev_start_xmit")
-SYMBOLS = ("ip_route_output_key_hash", "__dev_queue_xmit", "dev_queue_xmit")
+TRACEPOINTS = ("fib/fib_table_lookup", "fib6/fib6_table_lookup", "net/net_dev_queue", "net/net_dev_start_xmit")
+SYMBOLS = ("ip_route_output_key_hash", "ip6_route_output_flags", "ip6_route_output_flags_noref",
+           "__dev_queue_xmit", "dev_queue_xmit")
+# BPF_RAW_TRACEPOINT_OPEN (4.17+) is there when the kernel has either helper (bcc's own test).
+RAW_TRACEPOINT_SYMBOLS = ("bpf_find_raw_tracepoint", "bpf_get_raw_tracepoint")
+# The fields routetrace reads from fib:fib_table_lookup: without them the FIB's answer cannot
+# be shown (name) or attributed to a flow (addresses, ports).
+FIB_FIELDS = ("tb_id", "src", "dst", "sport", "dport", "name")
+FACTS_FORMAT = 1
 # Merged copies of split (Debian-style) header trees, private to routetrace: pointing bcc at
 # them through BCC_KERNEL_SOURCE in our own process leaves every other bcc tool unchanged.
 HEADER_CACHE = Path("/var/cache/routetrace/kernel-headers")
@@ -39,6 +49,9 @@ class KernelFacts:
     bcc_version: str | None = None
     # fib:fib_table_lookup's device name: a fixed char[16] (5.15+) or a __data_loc string (5.10)
     fib_name_data_loc: bool = False
+    raw_tracepoints: bool = False
+    # tracepoint -> field -> {"type", "offset", "size"}, from its tracefs format file (common_* left out)
+    tracepoint_fields: dict[str, dict[str, dict]] = field(default_factory=dict)
 
     @property
     def xmit_function(self) -> str | None:
@@ -50,6 +63,63 @@ class KernelFacts:
         if self.symbols.get("dev_queue_xmit") == "T":
             return "dev_queue_xmit"
         return None
+
+    def limits(self, backend: str) -> dict[str, str]:
+        """What a plan cannot see on this kernel although it runs: flow field -> the statement
+        doctor prints (and tests assert) instead of a value. Empty when nothing is missing."""
+        out = {}
+        fib = self.tracepoint_fields.get("fib/fib_table_lookup")
+        if self.tracepoints.get("fib/fib_table_lookup") and fib is not None:
+            missing = [f for f in FIB_FIELDS if f not in fib]
+            if missing:
+                out["fib_dev"] = (f"fib:fib_table_lookup on {self.release} has no field "
+                                  f"{', '.join(missing)}: the FIB's answer (fib_dev) is not shown")
+        return out
+
+    def to_dict(self) -> dict:
+        """One JSON object (doctor --json); from_dict() reads it back."""
+        hdr = self.headers
+        return {
+            "format": FACTS_FORMAT,
+            "release": self.release,
+            "is_root": self.is_root,
+            "btf": self.btf,
+            "tracefs": str(self.tracefs) if self.tracefs else None,
+            "kprobes": self.kprobes,
+            "raw_tracepoints": self.raw_tracepoints,
+            "tracepoints": dict(self.tracepoints),
+            "tracepoint_fields": {tp: dict(f) for tp, f in self.tracepoint_fields.items()},
+            "symbols": dict(self.symbols),
+            "xmit_function": self.xmit_function,
+            "fib_name_data_loc": self.fib_name_data_loc,
+            "headers": {"path": str(hdr.path), "release": hdr.release, "matches": hdr.matches} if hdr else None,
+            "bcc_version": self.bcc_version,
+            "limits": {b: self.limits(b) for b in ("kprobe", "tracepoint")},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "KernelFacts":
+        if not isinstance(data, dict) or data.get("format") != FACTS_FORMAT:
+            raise EnvironmentProblem(f"not routetrace kernel facts (format {FACTS_FORMAT}): "
+                                     f"{str(data)[:60]!r}")
+        hdr = data.get("headers")
+        return cls(
+            release=data["release"], is_root=data.get("is_root", False), btf=data["btf"],
+            tracefs=Path(data["tracefs"]) if data.get("tracefs") else None,
+            kprobes=data["kprobes"], tracepoints=dict(data.get("tracepoints", {})),
+            symbols=dict(data.get("symbols", {})),
+            headers=Headers(Path(hdr["path"]), hdr["release"], hdr["matches"]) if hdr else None,
+            bcc_version=data.get("bcc_version"), fib_name_data_loc=data.get("fib_name_data_loc", False),
+            raw_tracepoints=data.get("raw_tracepoints", False),
+            tracepoint_fields={tp: dict(f) for tp, f in data.get("tracepoint_fields", {}).items()},
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> "KernelFacts":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError) as exc:
+            raise EnvironmentProblem(f"cannot read kernel facts from {path}: {exc}") from None
 
 
 def gather(prepare_headers: bool = False) -> KernelFacts:
@@ -66,7 +136,39 @@ def gather(prepare_headers: bool = False) -> KernelFacts:
         headers=find_headers(release, prepare=prepare_headers),
         bcc_version=bcc_version(),
         fib_name_data_loc=_field_is_data_loc(tracefs, "fib/fib_table_lookup", "name"),
+        raw_tracepoints=bool(read_symbols(RAW_TRACEPOINT_SYMBOLS)),
+        tracepoint_fields={tp: fields for tp in TRACEPOINTS
+                           if (fields := tracepoint_fields(tracefs, tp)) is not None},
     )
+
+
+_FIELD_LINE = re.compile(r"^\s*field:(?P<decl>[^;]+);\s*offset:(?P<offset>\d+);\s*size:(?P<size>\d+);", re.M)
+_DECL = re.compile(r"^(?P<type>.*?)\s*\b(?P<name>\w+)\s*(?P<dim>\[[^\]]*\])?$")
+
+
+def parse_format(text: str) -> dict[str, dict]:
+    """A tracefs format file's own fields: name -> {"type", "offset", "size"}; common_* left out.
+    A __data_loc field's type keeps that word ("__data_loc char[]")."""
+    fields = {}
+    for m in _FIELD_LINE.finditer(text):
+        decl = m.group("decl").strip()
+        d = _DECL.match(decl)
+        if not d:
+            continue
+        name = d.group("name")
+        if name.startswith("common_"):
+            continue
+        fields[name] = {"type": (d.group("type") + (d.group("dim") or "")).strip(),
+                        "offset": int(m.group("offset")), "size": int(m.group("size"))}
+    return fields
+
+
+def tracepoint_fields(tracefs: Path | None, tracepoint: str) -> dict[str, dict] | None:
+    """The fields of a tracepoint, or None when it (or tracefs) is not there."""
+    try:
+        return parse_format((tracefs / "events" / tracepoint / "format").read_text()) if tracefs else None
+    except OSError:
+        return None
 
 
 def _field_is_data_loc(tracefs: Path | None, tracepoint: str, field_name: str) -> bool:

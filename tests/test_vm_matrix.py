@@ -1,0 +1,272 @@
+"""The same scenarios on every kernel and under every plan: scripts/vm-test runs this module in
+each VM once per plan (ROUTETRACE_BACKEND=kprobe, then tracepoint), and it runs here natively
+(the tracepoint plan on this host) as an ordinary BPF test.
+
+A bcc compile costs about a minute under TCG, so the plan is loaded ONCE for the module: one
+`routetrace watch --json` with no --netns (every namespace) runs while every scenario plays in
+its own throwaway namespace pair, and each test reads the flows whose netns is its sandbox's.
+The sandboxes live until the trace has stopped, so no namespace inode can be reused meanwhile.
+Nothing is port-filtered: scenarios are told apart by namespace (and port).
+
+Where a plan cannot see something on a kernel, KernelFacts.limits() names it; `doctor` and
+`watch --dry-run` must print that statement, and the test asserts the statement in place of
+the value: never a silent skip.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import EXPECTED_BACKEND, LiveRoutetrace, _bpf_unavailable
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def in_every_vm(test):
+    """A BPF test scripts/vm-test runs in every VM, under each plan."""
+    return pytest.mark.bpf(pytest.mark.vm(test))
+
+# Under TCG a compile takes a minute or two (5.10 the longest); natively a few seconds.
+READY_TIMEOUT = 900
+STOP_TIMEOUT = 300
+
+
+@dataclass
+class Scenario:
+    sandbox: object
+    netns: int
+    outcome: dict = field(default_factory=dict)   # what the clients saw: (target, port, proto) -> "ok"/"refused"
+    flows: list = field(default_factory=list)     # the summary's flows in this sandbox's host namespace
+
+
+@dataclass
+class MatrixRun:
+    backend: str
+    head: str
+    summary: dict
+    streamed: list
+    scenarios: dict
+    limits: dict          # flow field -> statement, for this kernel and plan
+    doctor: str
+    dry_run: str
+
+
+def _routetrace(*args) -> str:
+    """What `routetrace ARGS` prints (stdout and stderr), run in this process: a Python start
+    costs seconds under TCG."""
+    import contextlib
+    import io
+    from routetrace import cli
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        cli.main(list(args))
+    return out.getvalue()
+
+
+def _scenario_local_and_peer(sb):
+    sb.serve(sb.host, 8888)
+    sb.serve(sb.peer, 8888)
+    return {(t, 8888, "tcp"): sb.connect(sb.host, t, 8888) for t in ("127.0.0.1", sb.own_addr, sb.peer_addr)}
+
+
+def _scenario_closed_port(sb):
+    return {(t, 8887, "tcp"): sb.connect(sb.host, t, 8887) for t in ("127.0.0.1", sb.own_addr)}
+
+
+def _scenario_udp_own_address(sb):
+    sb.serve(sb.host, 8889)
+    return {(sb.own_addr, 8889, "udp"): sb.connect(sb.host, sb.own_addr, 8889, "udp")}
+
+
+SCENARIOS = {
+    "local_and_peer": _scenario_local_and_peer,
+    "closed_port": _scenario_closed_port,
+    "udp_own_address": _scenario_udp_own_address,
+}
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    reason = _bpf_unavailable()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"BPF test cannot run in CI: {reason}")
+        pytest.skip(reason)
+    from routetrace import kernel, netns
+    from routetrace.experiment import Sandbox
+
+    backend = EXPECTED_BACKEND
+    kernel.mount_tracefs()
+    limits = kernel.gather().limits(backend)
+    # Only where the plan is blind somewhere are the statements needed (and checked).
+    doctor = _routetrace("doctor") if limits else ""
+    dry_run = _routetrace("watch", "--dry-run", "--backend", backend) if limits else ""
+    with ExitStack() as stack:
+        scenarios = {}
+        for name in SCENARIOS:
+            sb = stack.enter_context(Sandbox())
+            scenarios[name] = Scenario(sb, netns.inode_of(sb.host))
+        run = LiveRoutetrace("watch", "--json", "--backend", backend, ready_timeout=READY_TIMEOUT)
+        stack.callback(run.kill)
+        for name, play in SCENARIOS.items():
+            scenarios[name].outcome = play(scenarios[name].sandbox)
+        rc, out, err = run.stop(signal.SIGINT, timeout=STOP_TIMEOUT)
+        assert rc == 0, err
+        objects = _json_lines(out)
+        summary = objects[-1]
+        assert summary["type"] == "summary", out[-2000:]
+        for sc in scenarios.values():
+            sc.flows = [f for f in summary["flows"] if f["netns"] == sc.netns]
+        yield MatrixRun(backend, err, summary, [o for o in objects if o.get("type") == "flow"], scenarios,
+                        limits, doctor, dry_run)
+
+
+def _json_lines(out: str) -> list:
+    objects = []
+    for number, line in enumerate(out.splitlines(), 1):
+        try:
+            objects.append(json.loads(line))
+        except ValueError as exc:
+            raise AssertionError(f"watch --json line {number} is not one JSON object ({exc}): {line!r}") from None
+    return objects
+
+
+def _one(flows, **match):
+    found = [f for f in flows if all(f[k] == v for k, v in match.items())]
+    assert len(found) == 1, f"expected one flow with {match}, got {found} among {flows}"
+    return found[0]
+
+
+def _expect(run: MatrixRun, flow: dict, name: str, value):
+    """flow[name] == value, unless this plan cannot see `name` on this kernel: then doctor and
+    --dry-run must say so."""
+    if name in run.limits:
+        statement = run.limits[name]
+        assert statement in run.doctor, f"doctor does not state: {statement}"
+        assert statement in run.dry_run, f"--dry-run does not state: {statement}"
+        return
+    assert flow[name] == value, f"{name}: {flow[name]!r} != {value!r} in {flow}"
+
+
+@in_every_vm
+def test_the_plan_asked_for_traced_every_namespace_and_lost_nothing(matrix):
+    assert f"({matrix.backend} plan" in matrix.head
+    ours = [f for sc in matrix.scenarios.values() for f in sc.flows]
+    assert ours and {f["backend"] for f in ours} == {matrix.backend}
+    # One trace saw every sandbox: namespaces it was never told about.
+    assert all(sc.flows for sc in matrix.scenarios.values())
+    assert matrix.summary["lost"]["total"] == 0, matrix.summary["lost"]
+    # Flows were streamed while tracing (the last ones may come only with the summary).
+    assert {f["netns"] for f in matrix.streamed} & {sc.netns for sc in matrix.scenarios.values()}
+
+
+@in_every_vm
+def test_what_the_plan_cannot_see_here_is_stated(matrix):
+    for statement in matrix.limits.values():
+        assert statement in matrix.doctor and statement in matrix.dry_run, statement
+
+
+@in_every_vm
+def test_loopback_and_own_address_both_take_a_local_route_on_lo(matrix):
+    sc = matrix.scenarios["local_and_peer"]
+    sb = sc.sandbox
+    assert set(sc.outcome.values()) == {"ok"}, sc.outcome
+    for daddr, fib_dev in (("127.0.0.1", "lo"), (sb.own_addr, "eth0")):
+        flow = _one(sc.flows, proto="tcp", daddr=daddr, dport=8888)
+        _expect(matrix, flow, "route_type", "LOCAL")
+        _expect(matrix, flow, "route_dev", "lo")
+        assert set(flow["xmit_devs"]) == {"lo"}, flow
+        # The local table says "local 198.51.100.1 dev eth0": the FIB answers eth0, the packets use lo.
+        _expect(matrix, flow, "fib_dev", fib_dev)
+        # The listener's replies stay on lo too.
+        reply = _one(sc.flows, proto="tcp", saddr=daddr, sport=8888)
+        _expect(matrix, reply, "route_type", "LOCAL")
+        assert set(reply["xmit_devs"]) == {"lo"}, reply
+
+
+@in_every_vm
+def test_the_peer_takes_a_unicast_route_and_leaves_on_eth0(matrix):
+    sc = matrix.scenarios["local_and_peer"]
+    flow = _one(sc.flows, proto="tcp", daddr=sc.sandbox.peer_addr, dport=8888)
+    _expect(matrix, flow, "route_type", "UNICAST")
+    _expect(matrix, flow, "route_dev", "eth0")
+    _expect(matrix, flow, "fib_dev", "eth0")
+    assert set(flow["xmit_devs"]) == {"eth0"}, flow
+
+
+@in_every_vm
+def test_a_closed_port_sends_syn_and_rst_on_lo(matrix):
+    sc = matrix.scenarios["closed_port"]
+    assert set(sc.outcome.values()) == {"refused"}, sc.outcome
+    for daddr in ("127.0.0.1", sc.sandbox.own_addr):
+        syn = _one(sc.flows, proto="tcp", daddr=daddr, dport=8887)
+        rst = _one(sc.flows, proto="tcp", saddr=daddr, sport=8887)
+        for flow in (syn, rst):
+            _expect(matrix, flow, "route_type", "LOCAL")
+            _expect(matrix, flow, "route_dev", "lo")
+            assert flow["xmit_devs"] == {"lo": 1}, flow
+
+
+@in_every_vm
+def test_udp_to_the_own_address_takes_a_local_route_on_lo(matrix):
+    sc = matrix.scenarios["udp_own_address"]
+    own = sc.sandbox.own_addr
+    assert set(sc.outcome.values()) == {"ok"}, sc.outcome
+    flow = _one(sc.flows, proto="udp", daddr=own, dport=8889)
+    reply = _one(sc.flows, proto="udp", saddr=own, sport=8889)
+    for f in (flow, reply):
+        _expect(matrix, f, "route_type", "LOCAL")
+        _expect(matrix, f, "route_dev", "lo")
+        assert set(f["xmit_devs"]) == {"lo"}, f
+    _expect(matrix, flow, "fib_dev", "eth0")
+
+
+# ---- scripts/vm-test itself, with a stand-in for vng: no VM is booted ---------------------------
+
+FAKE_VNG = """#!/bin/sh
+# Stands in for vng: runs the --exec command here, as the VM would, or fails to boot.
+while [ $# -gt 0 ]; do [ "$1" = --exec ] && cmd=$2; shift; done
+[ "${FAKE_VNG_BOOTS:-1}" = 1 ] || { echo "qemu: no bootable kernel"; exit 1; }
+exec sh -c "$cmd"
+"""
+
+
+def _vm_test(tmp_path, **env):
+    vng = tmp_path / "vng"
+    vng.write_text(FAKE_VNG)
+    vng.chmod(0o755)
+    release = os.uname().release
+    full_env = {**os.environ, "ROUTETRACE_VNG": str(vng), "ROUTETRACE_VM_CACHE": str(tmp_path / "cache"),
+                "ROUTETRACE_VM_TESTS": "tests/test_kernel_facts.py -k round_trip", **env}
+    full_env.pop("ROUTETRACE_VM_SAVE_FACTS", None)
+    out = subprocess.run([str(ROOT / "scripts" / "vm-test"), f"{release}=/fake/vmlinuz"], capture_output=True,
+                         text=True, env=full_env, timeout=600)
+    table = out.stdout[out.stdout.index("vm-test matrix"):] if "vm-test matrix" in out.stdout else ""
+    rows = {line.split()[2]: line for line in table.splitlines()[2:]}
+    return out, release, rows
+
+
+def test_vm_test_fails_when_one_cell_fails_and_names_it(tmp_path):
+    release = os.uname().release
+    out, release, rows = _vm_test(tmp_path, ROUTETRACE_VM_FAIL_CELL=f"{release}=/fake/vmlinuz/tracepoint")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert set(rows) == {"kprobe", "tracepoint"}, out.stdout
+    assert rows["kprobe"].split()[3] == "passed" and " passed" in rows["kprobe"], rows["kprobe"]
+    assert rows["tracepoint"].split()[3] == "FAILED", rows["tracepoint"]
+    assert "no passing test summary" in rows["tracepoint"]
+    # The kernel's facts were collected from the boot, outside the checkout.
+    assert (tmp_path / "cache" / "facts" / f"{release}.json").exists()
+
+
+def test_vm_test_fails_every_cell_of_a_kernel_that_does_not_boot(tmp_path):
+    out, release, rows = _vm_test(tmp_path, FAKE_VNG_BOOTS="0")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert set(rows) == {"kprobe", "tracepoint"}, out.stdout
+    for row in rows.values():
+        assert row.split()[3] == "FAILED" and "did not boot" in row, row
