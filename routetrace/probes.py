@@ -134,9 +134,7 @@ XMIT_TRACEPOINT = Attachment("raw_tracepoint", "net_dev_queue", "raw_tracepoint_
 
 
 def _has_fib6(facts: KernelFacts) -> bool:
-    if "fib6/fib6_table_lookup" in facts.tracepoints:
-        return bool(facts.tracepoints["fib6/fib6_table_lookup"])
-    return bool(facts.tracefs and (facts.tracefs / "events" / "fib6" / "fib6_table_lookup" / "format").exists())
+    return bool(facts.tracepoints.get("fib6/fib6_table_lookup"))
 
 
 def _kprobe_problem(facts: KernelFacts) -> str | None:
@@ -163,6 +161,9 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto", limits: 
                        f"auto: kprobes available and {ROUTE_FUNCTION}, {facts.xmit_function} resolve")
     else:
         reasons.append(f"--backend {backend} asked for")
+    if not facts.raw_tracepoints:
+        raise EnvironmentProblem("this kernel has no raw tracepoints (BPF_RAW_TRACEPOINT_OPEN, Linux 4.17+), "
+                                 "which both plans use for the FIB lookup and the transmit path")
     if not facts.tracepoints.get("fib/fib_table_lookup"):
         raise EnvironmentProblem(f"tracepoint fib:fib_table_lookup is missing under {facts.tracefs or 'tracefs (not mounted)'}")
     if not use_kprobes and not facts.tracepoints.get("net/net_dev_queue"):

@@ -15,7 +15,8 @@ from routetrace.tracer import missed_by_role, missed_from_profile
 
 def facts(**kw):
     base = dict(release="6.1.0-56-amd64", is_root=True, btf=True, tracefs=Path("/sys/kernel/tracing"),
-                kprobes=True, tracepoints={"fib/fib_table_lookup": True, "net/net_dev_queue": True,
+                kprobes=True, raw_tracepoints=True,
+                tracepoints={"fib/fib_table_lookup": True, "net/net_dev_queue": True,
                                            "fib6/fib6_table_lookup": True},
                 symbols={"ip_route_output_key_hash": "T", "__dev_queue_xmit": "T", "dev_queue_xmit": "t"},
                 headers=Headers(Path("/lib/modules/6.1.0-56-amd64/build"), "6.1.0-56-amd64", True))
