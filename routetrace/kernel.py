@@ -21,7 +21,6 @@ SYMBOLS = ("ip_route_output_key_hash", "ip6_route_output_flags", "ip6_route_outp
 RAW_TRACEPOINT_SYMBOLS = ("bpf_find_raw_tracepoint", "bpf_get_raw_tracepoint")
 # The fields routetrace reads from fib:fib_table_lookup: without them the FIB's answer cannot
 # be shown (name) or attributed to a flow (addresses, ports).
-FIB_FIELDS = ("tb_id", "src", "dst", "sport", "dport", "name")
 FACTS_FORMAT = 1
 # Merged copies of split (Debian-style) header trees, private to routetrace: pointing bcc at
 # them through BCC_KERNEL_SOURCE in our own process leaves every other bcc tool unchanged.
@@ -67,13 +66,12 @@ class KernelFacts:
     def limits(self, backend: str) -> dict[str, str]:
         """What a plan cannot see on this kernel although it runs: flow field -> the statement
         doctor prints (and tests assert) instead of a value. Empty when nothing is missing."""
+        # Both plans read the FIB lookups' own structures through raw tracepoints (offsets from
+        # BTF or headers), so no tracepoint record field can be missing; a missing tracepoint can.
         out = {}
-        fib = self.tracepoint_fields.get("fib/fib_table_lookup")
-        if self.tracepoints.get("fib/fib_table_lookup") and fib is not None:
-            missing = [f for f in FIB_FIELDS if f not in fib]
-            if missing:
-                out["fib_dev"] = (f"fib:fib_table_lookup on {self.release} has no field "
-                                  f"{', '.join(missing)}: the FIB's answer (fib_dev) is not shown")
+        if not self.tracepoints.get("fib6/fib6_table_lookup"):
+            out["fib_dev/ipv6"] = (f"no fib6:fib6_table_lookup tracepoint on {self.release}: "
+                                   "IPv6 flows have no FIB column")
         return out
 
     def to_dict(self) -> dict:

@@ -186,7 +186,7 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto", limits: 
         fib.append(FIB6_TRACEPOINT)
         fib_flags.append("-DHAVE_FIB6=1")
     else:
-        reasons.append("no fib6:fib6_table_lookup tracepoint (kernel without IPv6?): IPv6 flows have no FIB column")
+        reasons.append(facts.limits(backend)["fib_dev/ipv6"])
     limits = limits or Limits()
     if use_kprobes:
         xmit = facts.xmit_function

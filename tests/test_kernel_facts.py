@@ -116,13 +116,17 @@ def test_the_recorded_kernels_differ_where_the_plans_must_adapt():
     assert all(f.kprobes for s, f in by_series.items() if s != "6.18")
 
 
-def test_a_missing_fib_field_is_stated_not_hidden():
+def test_a_missing_fib6_tracepoint_is_stated_not_hidden():
+    """The plans read the FIB lookups' own structures (raw tracepoints), so no record field can
+    be missing; a kernel without the fib6 tracepoint (no IPv6) leaves IPv6 flows without a FIB
+    column, and says so in the plan that doctor and --dry-run print."""
     facts = _load(FIXTURES[0])
-    fields = dict(facts.tracepoint_fields["fib/fib_table_lookup"])
-    del fields["name"]
-    facts.tracepoint_fields["fib/fib_table_lookup"] = fields
-    assert "name" in facts.limits("tracepoint")["fib_dev"]
-    assert "name" in facts.limits("kprobe")["fib_dev"]
+    facts.tracepoints["fib6/fib6_table_lookup"] = False
+    statement = facts.limits("tracepoint")["fib_dev/ipv6"]
+    assert "IPv6 flows have no FIB column" in statement and facts.release in statement
+    plan = probes.choose(facts, probes.Filters(), "tracepoint")
+    assert statement in plan.render()
+    assert not [a for a in plan.attachments if "fib6" in a.target]
 
 
 def test_tracefs_formats_parse_with_data_loc_and_arrays():
