@@ -319,6 +319,12 @@ def export(trace_file, fmt, output, force):
               help="Print the kernel facts as one JSON object (with the plan each backend gets, or why not).")
 def doctor(as_json):
     """What this machine offers for tracing, and the attach plan routetrace would use."""
+    if os.geteuid() == 0:
+        # As a trace would: `ip netns exec` remounts /sys without tracefs.
+        try:
+            kernel.mount_tracefs()
+        except RoutetraceError:
+            pass                          # reported below as "tracefs not mounted"
     facts = kernel.gather(prepare_headers=os.geteuid() == 0)
     if as_json:
         import json
