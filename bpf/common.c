@@ -255,6 +255,16 @@ static __always_inline int netns_matches(u32 netns)
 #endif
 }
 
+/* A route lookup's flow (ports in network order, as flowi holds them) against the filters.
+ * connect() looks up its route before the source port exists: a zero port cannot be filtered. */
+static __always_inline int lookup_matches(u8 family, const u8 *saddr, const u8 *daddr, u16 sport_be, u16 dport_be)
+{
+    u16 sport = bpf_ntohs(sport_be), dport = bpf_ntohs(dport_be);
+    if ((sport || dport) && !port_matches(sport, dport))
+        return 0;
+    return family_matches(family) && host_matches(family, saddr, daddr);
+}
+
 /* The FIB's answer for a destination, kept so a flow can show "FIB said eth0, sent on lo".
  * The namespace comes from the lookup itself (its nexthop device or its net), never from
  * `current`: replies are looked up in softirq while another namespace's task runs. */

@@ -28,12 +28,7 @@ RAW_TRACEPOINT_PROBE(fib_table_lookup)
     u16 sport = 0, dport = 0;
     bpf_probe_read_kernel(&sport, sizeof(sport), flp + OFF_FL4_SPORT);
     bpf_probe_read_kernel(&dport, sizeof(dport), flp + OFF_FL4_DPORT);
-    sport = bpf_ntohs(sport);
-    dport = bpf_ntohs(dport);
-    /* connect() looks up its route before the source port exists: sport may still be 0. */
-    if ((sport || dport) && !port_matches(sport, dport))
-        return 0;
-    if (!family_matches(4) || !host_matches(4, saddr, daddr))
+    if (!lookup_matches(4, saddr, daddr, sport, dport))
         return 0;
     void *dev = read_ptr(nhc, OFF_NHC_DEV);
     u32 netns = netns_of_dev(dev);
@@ -65,11 +60,7 @@ RAW_TRACEPOINT_PROBE(fib6_table_lookup)
     u16 sport = 0, dport = 0;
     bpf_probe_read_kernel(&sport, sizeof(sport), flp + OFF_FL6_SPORT);
     bpf_probe_read_kernel(&dport, sizeof(dport), flp + OFF_FL6_DPORT);
-    sport = bpf_ntohs(sport);
-    dport = bpf_ntohs(dport);
-    if ((sport || dport) && !port_matches(sport, dport))
-        return 0;
-    if (!family_matches(6) || !host_matches(6, saddr, daddr))
+    if (!lookup_matches(6, saddr, daddr, sport, dport))
         return 0;
     u32 netns = netns_of_net(net);
     if (!netns_matches(netns))

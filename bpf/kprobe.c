@@ -42,12 +42,7 @@ int route_return(struct pt_regs *ctx)
     bpf_probe_read_kernel(daddr, 4, call.fl4 + OFF_FL4_DADDR);
     bpf_probe_read_kernel(&sport, sizeof(sport), call.fl4 + OFF_FL4_SPORT);
     bpf_probe_read_kernel(&dport, sizeof(dport), call.fl4 + OFF_FL4_DPORT);
-    sport = bpf_ntohs(sport);
-    dport = bpf_ntohs(dport);
-    /* connect() asks before its source port exists: a zero port cannot be filtered yet. */
-    if ((sport || dport) && !port_matches(sport, dport))
-        return 0;
-    if (!family_matches(4) || !host_matches(4, saddr, daddr))
+    if (!lookup_matches(4, saddr, daddr, sport, dport))
         return 0;
     u32 netns = netns_of_net(call.net);
     if (!netns_matches(netns))
