@@ -409,9 +409,9 @@ static __always_inline struct flow_value *create_flow(u32 epoch, struct flow_key
         route_decided(key, v);
     }
     if (key->family == 4 && sk) {
-        u16 sk_family = 0;
-        bpf_probe_read_kernel(&sk_family, sizeof(sk_family), sk + OFF_SK_FAMILY);
-        if (sk_family == AF_INET6_)
+        u16 socket_family = 0;   /* not "sk_family": a macro in net/sock.h */
+        bpf_probe_read_kernel(&socket_family, sizeof(socket_family), sk + OFF_SK_FAMILY);
+        if (socket_family == AF_INET6_)
             v->flags |= FLOW_V4_MAPPED_SOCKET;
     }
     struct fib_key fk = {.netns = key->netns, .family = key->family};

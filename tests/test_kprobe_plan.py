@@ -1,13 +1,9 @@
 """The design card's kprobe plan: chosen when it can run, verified here, run for real in VMs."""
 import dataclasses
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import json_objects
 from routetrace import kernel, probes
 from routetrace.kernel import Headers, KernelFacts
 from routetrace.tracer import missed_by_role, missed_from_profile
@@ -102,28 +98,3 @@ def test_kprobe_programs_pass_this_kernels_verifier(bpf_ready):
     headers = None if here.headers.matches else here.headers.path
     with Tracer(plan, headers, attach=False) as tracer:
         assert tracer.losses().total == 0
-
-
-@pytest.mark.bpf
-@pytest.mark.vm
-@pytest.mark.kprobe_only
-def test_kprobe_plan_live_in_a_kernel_with_kprobes(sandbox, live):
-    dry = subprocess.run([sys.executable, "-m", "routetrace", "watch", "--dry-run"], capture_output=True, text=True)
-    assert dry.returncode == 0 and "attach plan: kprobe" in dry.stdout
-    xmit = kernel.gather().xmit_function
-    assert f"kprobe      {xmit} " in dry.stdout
-    sandbox.serve(sandbox.host, 8888)
-    sandbox.serve(sandbox.peer, 8888)
-    run = live("watch", "--backend", "kprobe", "--netns", sandbox.host, "--port", "8888", "--json")
-    for target in ("127.0.0.1", sandbox.own_addr, sandbox.peer_addr):
-        assert sandbox.connect(sandbox.host, target, 8888) == "ok"
-    rc, out, err = run.stop(signal.SIGINT)
-    assert rc == 0, err
-    assert "Tracing route decisions (kprobe plan, --backend kprobe asked for;" in err
-    summary = json_objects(out)[-1]
-    assert {f["backend"] for f in summary["flows"]} == {"kprobe"}
-    routes = {(f["daddr"], f["route_type"], f["route_dev"]) for f in summary["flows"] if f["dport"] == 8888}
-    assert routes == {("127.0.0.1", "LOCAL", "lo"), (sandbox.own_addr, "LOCAL", "lo"),
-                      (sandbox.peer_addr, "UNICAST", "eth0")}
-    assert summary["lost"]["probes_missed"] == 0
-    assert summary["verdict"]["holds"] is True

@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path

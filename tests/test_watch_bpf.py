@@ -17,7 +17,6 @@ def flows_to(summary, daddr, dport):
     return [f for f in summary["flows"] if f["daddr"] == daddr and f["dport"] == dport]
 
 
-@pytest.mark.vm
 def test_loopback_and_own_address_both_leave_on_lo_and_the_peer_on_eth0(sandbox, live):
     sandbox.serve(sandbox.host, 8888, 9999)
     sandbox.serve(sandbox.peer, 8888)
@@ -63,7 +62,6 @@ def test_loopback_and_own_address_both_leave_on_lo_and_the_peer_on_eth0(sandbox,
     assert summary["lost"]["total"] == 0
 
 
-@pytest.mark.vm
 def test_connection_refused_syn_and_rst_both_on_lo(sandbox, live):
     run = live("watch", "--netns", sandbox.host, "--port", "8887", "--json")
     assert sandbox.connect(sandbox.host, "127.0.0.1", 8887) == "refused"
