@@ -83,10 +83,20 @@ def _scenario_udp_own_address(sb):
     return {(sb.own_addr, 8889, "udp"): sb.connect(sb.host, sb.own_addr, 8889, "udp")}
 
 
+def _scenario_ipv6(sb):
+    """The same question over IPv6: ::1, the own 2001:db8::1 (a local route on eth0), the peer."""
+    sb.serve(sb.host, 8890, addresses=["::1", sb.own_addr6])
+    sb.serve(sb.peer, 8890, addresses=[sb.peer_addr6])
+    out = {(t, 8890, "tcp"): sb.connect(sb.host, t, 8890) for t in ("::1", sb.own_addr6, sb.peer_addr6)}
+    out[("::1", 8891, "tcp")] = sb.connect(sb.host, "::1", 8891)          # closed: SYN and RST
+    return out
+
+
 SCENARIOS = {
     "local_and_peer": _scenario_local_and_peer,
     "closed_port": _scenario_closed_port,
     "udp_own_address": _scenario_udp_own_address,
+    "ipv6": _scenario_ipv6,
 }
 
 
@@ -224,6 +234,34 @@ def test_udp_to_the_own_address_takes_a_local_route_on_lo(matrix):
         _expect(matrix, f, "route_dev", "lo")
         assert set(f["xmit_devs"]) == {"lo"}, f
     _expect(matrix, flow, "fib_dev", "eth0")
+
+
+@in_every_vm
+def test_ipv6_loopback_and_own_address_take_a_local_route_on_lo_and_the_peer_its_veth(matrix):
+    sc = matrix.scenarios["ipv6"]
+    sb = sc.sandbox
+    assert sc.outcome == {("::1", 8890, "tcp"): "ok", (sb.own_addr6, 8890, "tcp"): "ok",
+                          (sb.peer_addr6, 8890, "tcp"): "ok", ("::1", 8891, "tcp"): "refused"}, sc.outcome
+    no_fib6 = matrix.limits.get("fib_dev/ipv6")
+    for daddr, fib_dev in (("::1", "lo"), (sb.own_addr6, "eth0")):
+        flow = _one(sc.flows, proto="tcp", daddr=daddr, dport=8890)
+        assert flow["family"] == 6
+        _expect(matrix, flow, "route_type", "LOCAL")
+        _expect(matrix, flow, "route_dev", "lo")
+        assert [(d["name"], d["loopback"]) for d in flow["devices"]] == [("lo", True)], flow
+        if no_fib6:
+            assert no_fib6 in matrix.doctor and no_fib6 in matrix.dry_run
+        else:
+            _expect(matrix, flow, "fib_dev", fib_dev)
+    peer = _one(sc.flows, proto="tcp", daddr=sb.peer_addr6, dport=8890)
+    _expect(matrix, peer, "route_type", "UNICAST")
+    _expect(matrix, peer, "route_dev", "eth0")
+    assert set(peer["xmit_devs"]) == {"eth0"}, peer
+    syn = _one(sc.flows, proto="tcp", daddr="::1", dport=8891)
+    rst = _one(sc.flows, proto="tcp", saddr="::1", sport=8891)
+    for flow in (syn, rst):
+        _expect(matrix, flow, "route_type", "LOCAL")
+        assert flow["xmit_devs"] == {"lo": 1}, flow
 
 
 # ---- scripts/vm-test itself, with a stand-in for vng: no VM is booted ---------------------------
