@@ -132,8 +132,20 @@ class Tracer:
             os.close(self._profile_fd)
             self._profile_fd = None
         if self._bpf is not None:
+            if kprobe_pmu():
+                self._release_kprobes()
             self._bpf.cleanup()
             self._bpf = None
+
+    def _release_kprobes(self) -> None:
+        """Detach the kprobes by closing their perf events. With the kprobe PMU (4.17+) that is
+        the whole detach and needs no privilege, so it works after watch dropped root; bcc's own
+        detach also opens tracefs' kprobe_events, which only root may read."""
+        from bcc.libbcc import lib
+        for ev_name in list(self._bpf.kprobe_fds):
+            for fd in self._bpf.kprobe_fds[ev_name].values():
+                lib.bpf_close_perf_event_fd(fd)
+            del self._bpf.kprobe_fds[ev_name]
 
     def _attach(self, a) -> None:
         if a.kind == "raw_tracepoint":
@@ -296,6 +308,14 @@ class Tracer:
         text = b"".join(chunks).decode(errors="replace")
         xmit = {a.target for a in self.plan.attachments if a.fn == "xmit_entry"}
         return missed_by_role(text, os.getpid(), xmit)
+
+
+KPROBE_PMU = "/sys/bus/event_source/devices/kprobe/type"
+
+
+def kprobe_pmu() -> bool:
+    """Kprobes are perf events of the kprobe PMU (not tracefs kprobe_events entries)."""
+    return os.path.exists(KPROBE_PMU)
 
 
 def _program_role(fn: str) -> str:

@@ -15,6 +15,7 @@ from .flows import DEFAULT_KEEP_FLOWS
 from .render import (STREAM_HEADER, clock_offset_ns, json_line, loss_object, losses_line, stream_line,
                      summary_object, summary_text)
 from .session import Session, TraceResult
+from .tracer import kprobe_pmu
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -50,7 +51,11 @@ def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: fl
                 metrics_mod.serving(metrics, session, info={"backend": plan.backend}) as server:
             if helper is not None:
                 # Programs attached, maps and the recording open: the rest needs no root.
-                dropped = privileges.drop_privileges(privileges.capabilities_for_maps())
+                if any(a.kind in ("kprobe", "kretprobe") for a in plan.attachments) and not kprobe_pmu():
+                    dropped = {"dropped": False, "reason": "this kernel's kprobes live in tracefs' kprobe_events, "
+                                                          "whose detach needs root"}
+                else:
+                    dropped = privileges.drop_privileges(privileges.capabilities_for_maps())
             session.on_loss = lost
             session.serve_metrics = server is not None
             if server is not None:
