@@ -578,6 +578,7 @@ def build_report(samples, loopback, own, modes, conditions, tools, pinning, fact
     report = {"targets": [loopback, own], "modes": list(modes), "conditions": list(conditions),
               "tools": {m: loadgen.tool_version(t) for m, t in tools.items()},
               "pinning": pinning.describe(), "machine": facts, "notes": []}
+    samples.tools.update(tools)          # the TOOL column names the tool chosen for each mode
     report["comparison"] = comparison_rows(samples, loopback, own, modes)
     kept, note = stable_rounds(samples, [loopback, own])
     report["regime_note"] = note

@@ -83,15 +83,17 @@ PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile (the smallest value with at least q% of the values at or below
-    it), as sockperf reports them. sorted_values must be sorted and non-empty."""
+    """sockperf's percentile, so that ours and its summary agree: the value at rank
+    q/100 * (n - 1), rounded to the nearest rank (a tie goes to the lower one).
+    sorted_values must be sorted and non-empty."""
+    import math
+    from fractions import Fraction
     if not sorted_values:
         raise ValueError("no values")
-    if not 0 < q <= 100:
-        raise ValueError("percentile must be in (0, 100]")
-    import math
-    rank = math.ceil(q / 100 * len(sorted_values))
-    return sorted_values[max(rank, 1) - 1]
+    if not 0 <= q <= 100:
+        raise ValueError("percentile must be in [0, 100]")
+    rank = Fraction(str(q)) * (len(sorted_values) - 1) / 100
+    return sorted_values[max(0, math.ceil(rank - Fraction(1, 2)))]
 
 
 def latency_values(lat: list[float]) -> dict[str, float]:
