@@ -319,19 +319,20 @@ def _has_matplotlib() -> bool:
 
 @pytest.mark.bpf
 def test_bench_trace_reports_cost_floor_bpf_statistics_and_own_cpu(bpf_ready):
-    if not shutil.which("sockperf"):
-        pytest.skip("needs sockperf") if not os.environ.get("CI") else pytest.fail("sockperf missing in CI")
+    if not shutil.which("iperf3"):
+        pytest.skip("needs iperf3") if not os.environ.get("CI") else pytest.fail("iperf3 missing in CI")
     sysctl = Path("/proc/sys/kernel/bpf_stats_enabled")
     before = sysctl.read_text()
-    out = _bench("--mode", "tcp-rr", "--mode", "conn", "--trace", "--json", timeout=300)
+    out = _bench("--mode", "tcp-bulk", "--mode", "conn", "--trace", "--json", timeout=300)
     _check_clean(out)
     report = json.loads(out.stdout)
     assert report["conditions"] == list(bench.CONDITIONS)
     rows = {(r["target"], r["mode"], r["metric"]): r for r in report["cost"]}
-    p50 = rows[("127.0.0.1", "tcp-rr", "TCP round trip p50")]
+    conn = rows[("127.0.0.1", "conn", "connection rate")]
     for cond in ("traced", "floor-raw", "floor-tp"):
-        assert p50[f"{cond}_cost"]["n"] == 2
-    assert p50["goal"].startswith("goal <= 2%")
+        assert conn[f"{cond}_cost"]["n"] == 2
+    assert conn["goal"].startswith("goal <= 5%")
+    assert rows[("198.51.100.1", "tcp-bulk", "TCP bulk throughput")]["goal"].startswith("goal <= 1%")
     programs = {(r["condition"], r["program"]) for r in report["bpf"]}
     assert ("floor-raw", "raw_tracepoint__net_dev_queue") in programs
     assert ("floor-tp", "tracepoint__net__net_dev_queue") in programs
