@@ -448,6 +448,21 @@ def bpf_rows(obs: Observer, samples: Samples) -> list[dict]:
 
 # ---- output ------------------------------------------------------------------------------------
 
+PIN_CHOICES = ("same", "split", "none")
+
+
+def pinning_for(pin: str, cpus: int) -> loadgen.Pinning:
+    """same: client and servers share the last CPU (a loopback round trip then wakes its peer on
+    the CPU it runs on: no cross-CPU wakeup, the stable regime); split: client on CPU 0, servers
+    on CPU 1; none: the scheduler decides, and a slice lands in either regime."""
+    last = str(cpus - 1)
+    if pin == "same":
+        return loadgen.Pinning(last, last)
+    if pin == "split" and cpus >= 2:
+        return loadgen.Pinning("0", "1")
+    return loadgen.Pinning()
+
+
 def machine_facts() -> dict:
     facts = {"kernel": os.uname().release, "cpus": os.cpu_count()}
     with contextlib.suppress(OSError):
@@ -486,7 +501,9 @@ def render(report: dict) -> str:
                   "-" if r["ns_per_run"] is None else f"{r['ns_per_run']:.0f}", f"{r['bpf_ms_per_s']:.2f}",
                   "-" if r["runs_per_connection"] is None else f"{r['runs_per_connection']:.2f}")
                  for r in report["bpf"]]
-        out.append("\nBPF statistics (kernel.bpf_stats_enabled=1 during the run):\n" + tabulate(
+        out.append("\nBPF statistics (kernel.bpf_stats_enabled=1 during the run; runs count every packet and "
+                   "lookup on the machine during the slice, other namespaces' too: routetrace's filter runs "
+                   "inside its programs, the floor has none):\n" + tabulate(
             brows, headers=("CONDITION", "TARGET", "MODE", "PROGRAM", "RUNS", "NS/RUN", "BPF MS/S", "RUNS/CONN")))
     if report.get("observer"):
         o = report["observer"]
@@ -501,7 +518,7 @@ def render(report: dict) -> str:
 # ---- the experiment -----------------------------------------------------------------------------
 
 def experiment(prepare, *, sandbox: bool, own: str | None, port: int, rounds: int, seconds: float,
-               modes=MODES, load: str = "auto", pin: bool = True, floor: bool = True,
+               modes=MODES, load: str = "auto", pin: str = "same", floor: bool = True,
                as_json: bool = False, plot: str | None = None, out=None, err=None) -> dict:
     """Set the stage (sandbox or this host, the load's servers), optionally the probes
     (prepare(filters) -> (plan, headers); None: untraced only), then measure and print."""
@@ -509,7 +526,7 @@ def experiment(prepare, *, sandbox: bool, own: str | None, port: int, rounds: in
     modes = tuple(m for m in MODES if m in modes)
     tools = loadgen.tools_available(modes) if load == "auto" else {m: "python" for m in modes}
     cpus = os.cpu_count() or 1
-    pinning = loadgen.Pinning("0", "1") if pin and cpus >= 2 else loadgen.Pinning()
+    pinning = pinning_for(pin, cpus)
     facts = machine_facts()
     steal0, t_start = _steal_jiffies(), time.monotonic()
     with contextlib.ExitStack() as stack:

@@ -168,8 +168,8 @@ def prove(port, sandbox, to, control, proto, closed, as_json, record, backend):
               help="Only these workloads (repeatable); default: all.")
 @click.option("--load", type=click.Choice(["auto", "python"]), default="auto", show_default=True,
               help="auto: sockperf and iperf3 where installed, Python clients otherwise; python: Python only.")
-@click.option("--pin/--no-pin", default=True, show_default=True,
-              help="Pin the client to CPU 0 and the servers to CPU 1 (taskset).")
+@click.option("--pin", type=click.Choice(["same", "split", "none"]), default="same", show_default=True,
+              help="taskset: client and servers on one CPU (same), on two (split), or unpinned (none).")
 @click.option("--trace", "with_trace", is_flag=True,
               help="Also measure with routetrace's session attached and pumped, and the floor, and report the cost.")
 @click.option("--no-floor", is_flag=True, help="With --trace: skip the one-increment floor programs.")

@@ -183,6 +183,8 @@ class Pinning:
     def describe(self) -> str:
         if self.client is None and self.server is None:
             return "not pinned"
+        if self.client == self.server:
+            return f"client and servers on CPU {self.client} (taskset)"
         return f"client on CPU {self.client or 'any'}, server on CPU {self.server or 'any'} (taskset)"
 
 
