@@ -141,6 +141,7 @@ def test_goal_verdict_met_missed_unresolved():
     assert bench.goal_verdict(bench.Ratio(1.05, 1.03, 1.07, 5), 0.02).endswith("missed")
     assert "not resolved" in bench.goal_verdict(bench.Ratio(1.01, 0.98, 1.04, 5), 0.02)
     assert bench.goal_verdict(None, 0.02) == ""
+    assert "traced measurably faster" in bench.goal_verdict(bench.Ratio(0.8, 0.7, 0.9, 5), 0.05)
 
 
 def test_regimes_split_levels_and_stable_rounds_say_so():
