@@ -10,12 +10,12 @@ from __future__ import annotations
 from .bench import Samples, geo_interval, metrics_for
 from .loadgen import LATENCY_MODES, MODES
 
-COLORS = {"127.0.0.1": "tab:blue"}          # the own address: tab:orange
-STYLES = {"untraced": "-", "traced": "--", "floor-raw": ":", "floor-tp": "-."}
+# Colour says the condition, the line style the target.
+COLORS = {"untraced": "black", "traced": "tab:red", "floor-raw": "tab:green", "floor-tp": "tab:purple"}
 
 
-def _color(target: str, targets) -> str:
-    return COLORS.get(target, "tab:orange" if target == targets[1] else "tab:green")
+def _style(target: str, targets) -> str:
+    return "-" if target == targets[0] else "--"
 
 
 def figure(report: dict, samples: Samples):
@@ -41,11 +41,15 @@ def figure(report: dict, samples: Samples):
                 if not lat:
                     continue
                 n = len(lat)
-                ax.plot(lat, [(i + 1) / n for i in range(n)], STYLES.get(cond, "-"),
-                        color=_color(target, targets), label=f"{target} {cond}", linewidth=1.2)
+                # plotting positions (i + 0.5) / n stay inside (0, 1), as the logit axis needs
+                ax.plot(lat, [(i + 0.5) / n for i in range(n)], _style(target, targets),
+                        color=COLORS.get(cond, "gray"), label=f"{target} {cond}", linewidth=1.1)
         ax.set_xscale("log")
+        # logit: the median, p90, p99 and p99.9 get equal room, so the tail shows
+        ax.set_yscale("logit")
+        ax.set_ylim(0.01, 0.9995)
         ax.set_xlabel("round trip (us, log)")
-        ax.set_ylabel("fraction of round trips")
+        ax.set_ylabel("fraction of round trips (logit)")
         ax.set_title(f"{mode}: round-trip CDF ({report['tools'].get(mode, '?')}), all rounds", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
@@ -57,14 +61,14 @@ def figure(report: dict, samples: Samples):
                 values = samples.get(cond, target, metric)
                 if not values:
                     continue
-                color = _color(target, targets)
+                color = COLORS.get(cond, "gray")
                 x = list(range(1, len(values) + 1))
                 top = max(top, *values)
-                ax.plot(x, values, STYLES.get(cond, "-"), marker="o", color=color, label=f"{target} {cond}",
-                        linewidth=1.0, markersize=4)
+                ax.plot(x, values, _style(target, targets), marker="o" if target == targets[0] else "s",
+                        color=color, label=f"{target} {cond}", linewidth=1.0, markersize=4)
                 if len(values) >= 2:
                     band = geo_interval(values)
-                    ax.axhspan(band.low, band.high, color=color, alpha=0.08 if cond == "untraced" else 0.04)
+                    ax.axhspan(band.low, band.high, color=color, alpha=0.05)
         # Intervals from few rounds can be huge: the axis follows the measurements, not the bands.
         ax.set_ylim(0, top * 1.25 or 1)
         ax.xaxis.get_major_locator().set_params(integer=True)
