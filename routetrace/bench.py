@@ -632,4 +632,6 @@ def build_report(samples, loopback, own, modes, conditions, tools, pinning, fact
                 f"(the interpreter) and {cc['sys_us_per_conn']:.1f} us of system CPU per connection, "
                 f"{cc['wall_us_per_conn']:.1f} us per connection in all (to 127.0.0.1)")
     report["samples"] = {"|".join(k): v for k, v in samples.values.items()}
+    # every CDF the plot draws, thinned to 1000 points: enough to draw it again from the JSON
+    report["cdf_us"] = {"|".join(k): thin(sorted(v), 1000) for k, v in samples.latencies.items()}
     return report

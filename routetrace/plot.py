@@ -25,7 +25,7 @@ def figure(report: dict, samples: Samples):
     lat_modes = [m for m in modes if m in LATENCY_MODES and any(
         samples.latencies.get((c, t, m)) for c in conditions for t in targets)]
     rate_modes = [m for m in modes if m not in LATENCY_MODES]
-    panels = len(lat_modes) + len(rate_modes)
+    panels = 2 * len(lat_modes) + len(rate_modes)
     cols = 2 if panels > 1 else 1
     rows = (panels + cols - 1) // cols or 1
     fig = Figure(figsize=(6.4 * cols, 4.0 * rows), layout="constrained")
@@ -34,26 +34,52 @@ def figure(report: dict, samples: Samples):
     fig.suptitle(f"routetrace bench: 127.0.0.1 vs {targets[1]} (kernel {machine.get('kernel', '?')}, "
                  f"{machine.get('cpus', '?')} CPUs, load {' '.join(machine.get('loadavg', []) or ['?'])}; "
                  f"{report.get('pinning', '')})", fontsize=9)
-    for ax, mode in zip(axes, lat_modes):
-        for target in targets:
-            for cond in conditions:
-                lat = sorted(samples.latencies.get((cond, target, mode), []))
-                if not lat:
-                    continue
-                n = len(lat)
-                # plotting positions (i + 0.5) / n stay inside (0, 1), as the logit axis needs
-                ax.plot(lat, [(i + 0.5) / n for i in range(n)], _style(target, targets),
-                        color=COLORS.get(cond, "gray"), label=f"{target} {cond}", linewidth=1.1)
-        ax.set_xscale("log")
-        # logit: the median, p90, p99 and p99.9 get equal room, so the tail shows
-        ax.set_yscale("logit")
-        ax.set_ylim(0.01, 0.9995)
-        ax.set_xlabel("round trip (us, log)")
-        ax.set_ylabel("fraction of round trips (logit)")
-        ax.set_title(f"{mode}: round-trip CDF ({report['tools'].get(mode, '?')}), all rounds", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    for ax, mode in zip(axes[len(lat_modes):], rate_modes):
+    for i, mode in enumerate(lat_modes):
+        tail, body = axes[2 * i], axes[2 * i + 1]
+        _cdf(tail, body, mode, report, samples, targets, conditions)
+    _rates(axes[2 * len(lat_modes):], rate_modes, report, samples, targets, conditions)
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    return fig
+
+
+def _cdf(ax, body, mode, report, samples, targets, conditions):
+    """The whole distribution on log x / logit y, and its body (to the 95th percentile) on
+    linear axes, where a shift of a few percent is visible."""
+    lows, top = [], []
+    for target in targets:
+        for cond in conditions:
+            lat = sorted(samples.latencies.get((cond, target, mode), []))
+            if not lat:
+                continue
+            n = len(lat)
+            lows.append(lat[0])
+            top.append(lat[int(0.95 * (n - 1))])
+            # plotting positions (i + 0.5) / n stay inside (0, 1), as the logit axis needs
+            ys = [(i + 0.5) / n for i in range(n)]
+            for a in (ax, body):
+                a.plot(lat, ys, _style(target, targets), color=COLORS.get(cond, "gray"),
+                       label=f"{target} {cond}", linewidth=1.1)
+    ax.set_xscale("log")
+    # logit: the median, p90, p99 and p99.9 get equal room, so the tail shows
+    ax.set_yscale("logit")
+    ax.set_ylim(0.01, 0.9995)
+    ax.set_xlabel("round trip (us, log)")
+    ax.set_ylabel("fraction of round trips (logit)")
+    ax.set_title(f"{mode}: round-trip CDF ({report['tools'].get(mode, '?')}), all rounds", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    body.set_xlim(min(lows) * 0.98, max(top) * 1.02)
+    body.set_ylim(0, 0.95)
+    body.set_xlabel("round trip (us)")
+    body.set_ylabel("fraction of round trips")
+    body.set_title(f"{mode}: the body of the CDF, to the 95th percentile", fontsize=9)
+    body.grid(True, alpha=0.3)
+    body.legend(fontsize=7, loc="lower right")
+
+
+def _rates(axes, rate_modes, report, samples, targets, conditions):
+    for ax, mode in zip(axes, rate_modes):
         metric = metrics_for([mode])[0]
         top = 0.0
         for target in targets:
@@ -78,9 +104,6 @@ def figure(report: dict, samples: Samples):
                      "geometric mean", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in axes[panels:]:
-        ax.set_visible(False)
-    return fig
 
 
 def save(fig, path: str) -> None:

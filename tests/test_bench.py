@@ -238,11 +238,11 @@ def test_plot_has_one_series_per_target_and_condition(matplotlib_ready, tmp_path
     report, samples = _report(conditions)
     fig = plot.figure(report, samples)
     axes = [ax for ax in fig.axes if ax.get_visible()]
-    assert len(axes) == len(bench.MODES)
+    assert len(axes) == len(bench.MODES) + len(loadgen.LATENCY_MODES)      # latency: tail and body
     want = {f"{t} {c}" for t in report["targets"] for c in conditions}
     for ax in axes:
         assert {line.get_label() for line in ax.get_lines()} == want
-    cdf = next(ax for ax in axes if ax.get_title().startswith("tcp-rr"))
+    cdf = next(ax for ax in axes if ax.get_title().startswith("tcp-rr: round-trip CDF"))
     assert cdf.get_xscale() == "log"
     line = next(line for line in cdf.get_lines() if line.get_label() == "127.0.0.1 untraced")
     xs, ys = line.get_data()
