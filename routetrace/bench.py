@@ -1,23 +1,33 @@
-"""`routetrace bench`: is 127.0.0.1 faster than an own address? Measured, interleaved, with intervals.
+"""`routetrace bench`: is 127.0.0.1 faster than an own address? Measured with the field's own
+load generators (loadgen.py), interleaved, with intervals; and what tracing costs.
 
-Each round measures every target once per metric, in shuffled order, so drift (CPU frequency,
-other load) hits both targets alike; the comparison is the per-round ratio, summarised as a
-geometric mean with a 95% t-interval. The clients are Python: absolute numbers include its
-overhead, which is the same for both targets, so the ratio is what to read.
+Each round measures every (condition, target, mode) slot once in a shuffled order, so drift
+(CPU frequency, other load) hits both targets alike; a comparison is the per-round ratio,
+summarised as a geometric mean with a 95% t-interval, "measurable" only when that interval
+excludes 1.
+
+Conditions: "untraced"; with --trace also "traced" (routetrace's real session, pumped from a
+background thread as watch pumps it) and the floor: one per-CPU increment on the same hook,
+as a raw tracepoint ("floor-raw") and a regular one ("floor-tp"). Only one set of programs is
+attached at a time; the others stay loaded and detached.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import random
 import statistics
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 
 from tabulate import tabulate
 
-from . import netns
-from .experiment import bench_slice, enter_sandbox, host_addresses, start_listener, stop_process
+from . import loadgen, netns
+from .experiment import enter_sandbox, host_addresses
 from .probes import Filters
 
 # Two-sided 95% Student t critical values by degrees of freedom.
@@ -50,6 +60,9 @@ class Ratio:
     def __str__(self) -> str:
         return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n}
+
 
 def paired_ratio(a: list[float], b: list[float]) -> Ratio:
     if len(a) != len(b) or len(a) < 2:
@@ -60,109 +73,566 @@ def paired_ratio(a: list[float], b: list[float]) -> Ratio:
     return Ratio(math.exp(mean), math.exp(mean - half), math.exp(mean + half), len(logs))
 
 
-# metric name -> (bench mode, result key, unit, lower is better)
-METRICS = {
-    "request/response p50": ("rr", "p50_us", "us", True),
-    "request/response p99": ("rr", "p99_us", "us", True),
-    "bulk throughput": ("bulk", "mb_per_s", "MB/s", False),
-    "connection setup rate": ("conn", "per_s", "conn/s", False),
-}
-MODES = ("rr", "bulk", "conn")
+def geo_interval(values: list[float]) -> Ratio:
+    """Geometric mean of one series and its 95% interval (the plot's bands)."""
+    if len(values) < 2:
+        v = values[0] if values else float("nan")
+        return Ratio(v, v, v, len(values))
+    return paired_ratio([1.0] * len(values), values)
+
+
+# ---- what is measured -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Metric:
+    mode: str
+    key: str          # in loadgen.Result.values
+    label: str
+    unit: str
+    lower_is_better: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode} {self.label}"
+
+
+def _latency(mode: str, what: str) -> list[Metric]:
+    return [Metric(mode, f"p{q:g}", f"{what} p{q:g}", "us", True) for q in loadgen.PERCENTILES]
+
+
+METRICS: list[Metric] = [
+    *_latency("tcp-rr", "TCP round trip"),
+    *_latency("udp-rr", "UDP round trip"),
+    Metric("tcp-tp", "mb_per_s", "TCP throughput", "MB/s", False),
+    Metric("udp-tp", "mb_per_s", "UDP send rate", "MB/s", False),
+    Metric("tcp-bulk", "mb_per_s", "TCP bulk throughput", "MB/s", False),
+    Metric("conn", "per_s", "connection rate", "conn/s", False),
+]
+MODES = tuple(loadgen.MODES)
+CONDITIONS = ("untraced", "traced", "floor-raw", "floor-tp")
+# The observer-effect goals (a benchmark output, not an assertion): the largest acceptable
+# cost on one metric each, as a fraction.
+GOALS = {("tcp-rr", "p50"): 0.02, ("conn", "per_s"): 0.05, ("tcp-bulk", "mb_per_s"): 0.01}
+CDF_POINTS = 2000          # latencies kept per slice (evenly spaced ranks) for the plot
+REGIME_GAP = 1.15          # untraced round-trip p50s further apart than this: separate regimes
+
+
+def metrics_for(modes) -> list[Metric]:
+    return [m for m in METRICS if m.mode in modes]
 
 
 @dataclass
 class Samples:
-    """values[(condition, target, metric)] = one value per round."""
-    values: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
+    """values[(condition, target, mode, key)] = one value per round, in round order;
+    latencies[(condition, target, mode)] = kept round trips, pooled over rounds."""
+    values: dict[tuple[str, str, str, str], list[float]] = field(default_factory=dict)
+    latencies: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
+    tools: dict[str, str] = field(default_factory=dict)
+    extras: dict[tuple[str, str, str], list[dict]] = field(default_factory=dict)
 
-    def add(self, condition: str, target: str, mode: str, result: dict) -> None:
-        for metric, (m, key, _unit, _lower) in METRICS.items():
-            if m == mode:
-                self.values.setdefault((condition, target, metric), []).append(float(result[key]))
+    def add(self, condition: str, target: str, result: loadgen.Result) -> None:
+        self.tools[result.mode] = result.tool
+        for key, value in result.values.items():
+            self.values.setdefault((condition, target, result.mode, key), []).append(float(value))
+        if result.latencies_us:
+            self.latencies.setdefault((condition, target, result.mode), []).extend(thin(result.latencies_us))
 
-    def get(self, condition, target, metric) -> list[float]:
-        return self.values.get((condition, target, metric), [])
+    def get(self, condition, target, metric: Metric) -> list[float]:
+        return self.values.get((condition, target, metric.mode, metric.key), [])
 
 
-def run(measure, targets: list[str], *, rounds: int, seconds: float, conditions=("untraced",),
-        set_condition=lambda c: None, progress=sys.stderr, shuffle=random.shuffle) -> Samples:
-    """measure(mode, target, seconds) -> result dict. Every round visits every (condition,
-    target, mode) once, in a fresh random order."""
+def thin(sorted_values: list[float], points: int = CDF_POINTS) -> list[float]:
+    """Evenly spaced order statistics (the first and the last always among them)."""
+    n = len(sorted_values)
+    if n <= points:
+        return list(sorted_values)
+    return [sorted_values[round(i * (n - 1) / (points - 1))] for i in range(points)]
+
+
+def run(measure, targets: list[str], *, modes=MODES, rounds: int, seconds: float,
+        conditions=("untraced",), set_condition=lambda c: None, progress=sys.stderr,
+        shuffle=random.shuffle) -> Samples:
+    """measure(condition, mode, target, seconds) -> loadgen.Result. Every round visits every
+    (condition, target, mode) once, in a fresh random order; one condition's slots stay
+    together within a round (switching probes costs time), and the conditions' order
+    alternates between rounds."""
     samples = Samples()
-    slots = [(c, t, m) for c in conditions for t in targets for m in MODES]
+    slots = [(c, t, m) for c in conditions for t in targets for m in modes]
     for r in range(1, rounds + 1):
         order = list(slots)
         shuffle(order)
-        # Keep one condition's slots together within a round: switching probes costs time.
-        order.sort(key=lambda s: conditions.index(s[0]))
-        if r % 2 == 0:
-            order.reverse()
+        cond_order = list(conditions)
+        shuffle(cond_order)
+        order.sort(key=lambda s: cond_order.index(s[0]))
         for i, (cond, target, mode) in enumerate(order, start=1):
             set_condition(cond)
-            print(f"\r[round {r}/{rounds}] {i}/{len(order)} {mode:<4} {target:<15} {cond:<9}",
+            print(f"\r[round {r}/{rounds}] {i}/{len(order)} {mode:<8} {target:<15} {cond:<9}",
                   end="", file=progress, flush=True)
-            samples.add(cond, target, mode, measure(mode, target, seconds))
+            samples.add(cond, target, measure(cond, mode, target, seconds))
     print(file=progress, flush=True)
     return samples
 
 
-def _fmt(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f}" if values else "-"
+# ---- reading the samples ---------------------------------------------------------------------
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
-def render(samples: Samples, loopback: str, own: str, conditions) -> str:
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if abs(value) < 1e5 else f"{value:.0f}"
+
+
+def regimes(values: list[float], gap: float = REGIME_GAP) -> list[list[int]]:
+    """Round indexes grouped by level: sorted values split wherever the next one is more than
+    `gap` times the previous. One group: a stable machine."""
+    if not values:
+        return []
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    groups = [[order[0]]]
+    for prev, cur in zip(order, order[1:]):
+        if values[prev] > 0 and values[cur] / values[prev] > gap:
+            groups.append([])
+        groups[-1].append(cur)
+    return groups
+
+
+def stable_rounds(samples: Samples, targets) -> tuple[list[int] | None, str | None]:
+    """Rounds in which the untraced TCP round trip sat at its usual level, for both targets,
+    and a note when some did not (None, None: no TCP round trip measured)."""
+    m = next((m for m in METRICS if m.mode == "tcp-rr" and m.key == "p50"), None)
+    series = [samples.get("untraced", t, m) for t in targets]
+    if not all(series):
+        return None, None
+    n = len(series[0])
+    keep = set(range(n))
+    notes = []
+    for target, values in zip(targets, series):
+        groups = regimes(values)
+        if len(groups) > 1:
+            main = max(groups, key=len)
+            keep &= set(main)
+            levels = ", ".join(f"{statistics.median(values[i] for i in g):.1f} us in round"
+                               f"{'s' if len(g) > 1 else ''} {', '.join(str(i + 1) for i in sorted(g))}"
+                               for g in groups)
+            notes.append(f"{target}: {levels}")
+    if not notes:
+        return sorted(keep), None
+    kept = sorted(keep)
+    note = ("the untraced TCP round trip sat in more than one regime (" + "; ".join(notes) +
+            "): a cost of a few percent cannot be resolved across them. " +
+            (f"Costs below use only rounds {', '.join(str(i + 1) for i in kept)}." if len(kept) >= 2
+             else "Too few rounds in one regime: costs below are over all rounds and unreliable."))
+    return (kept if len(kept) >= 2 else list(range(n))), note
+
+
+def _pick(values: list[float], rounds: list[int] | None) -> list[float]:
+    return values if rounds is None else [values[i] for i in rounds if i < len(values)]
+
+
+def comparison_rows(samples: Samples, loopback: str, own: str, modes) -> list[dict]:
     rows = []
-    for metric, (_m, _key, unit, lower) in METRICS.items():
+    for metric in metrics_for(modes):
         a, b = samples.get("untraced", loopback, metric), samples.get("untraced", own, metric)
+        if len(a) < 2 or len(a) != len(b):
+            continue
         ratio = paired_ratio(a, b)
         if ratio.measurable:
-            faster = own if (ratio.mean < 1) == lower else loopback
+            faster = own if (ratio.mean < 1) == metric.lower_is_better else loopback
             note = f"measurable: {faster} is faster by {abs(ratio.mean - 1) * 100:.1f}%"
         else:
             note = "no measurable difference"
-        rows.append((f"{metric} ({unit})", _fmt(a), _fmt(b), str(ratio), note))
-    out = tabulate(rows, headers=("METRIC (median)", loopback, own, f"{own} / {loopback} [95% CI]", ""))
-    if "traced" in conditions:
-        trows = []
-        for target in (loopback, own):
-            for metric, (_m, _key, unit, lower) in METRICS.items():
-                ratio = paired_ratio(samples.get("untraced", target, metric), samples.get("traced", target, metric))
-                cost = "no measurable cost" if not ratio.measurable else (
-                    "measurable cost" if (ratio.mean > 1) == lower else "measurably faster traced (noise?)")
-                trows.append((target, f"{metric} ({unit})", _fmt(samples.get("untraced", target, metric)),
-                              _fmt(samples.get("traced", target, metric)), str(ratio), cost))
-        out += "\n\ncost of routetrace's own probes (traced / untraced):\n" + tabulate(
-            trows, headers=("TARGET", "METRIC (median)", "untraced", "traced", "ratio [95% CI]", ""))
+        rows.append({"mode": metric.mode, "metric": metric.label, "unit": metric.unit,
+                     "tool": samples.tools.get(metric.mode, "?"), "loopback": _median(a), "own": _median(b),
+                     "ratio": ratio.to_dict(), "measurable": ratio.measurable, "note": note,
+                     "rounds_loopback": a, "rounds_own": b})
+    return rows
+
+
+def cost_of(untraced: list[float], traced: list[float], metric: Metric) -> Ratio | None:
+    """Ratio oriented so that > 1 is a cost: traced/untraced for latency, untraced/traced for
+    rates."""
+    if len(untraced) < 2 or len(untraced) != len(traced):
+        return None
+    return paired_ratio(untraced, traced) if metric.lower_is_better else paired_ratio(traced, untraced)
+
+
+def goal_verdict(cost: Ratio | None, goal: float | None) -> str:
+    if cost is None or goal is None:
+        return ""
+    limit = 1 + goal
+    if cost.high < 1.0:
+        # Tracing cannot make the kernel faster: a drift between the condition groups, or noise.
+        return f"goal <= {goal:.0%}: not resolved (traced measurably faster: drift between slices)"
+    if cost.high <= limit:
+        return f"goal <= {goal:.0%}: met"
+    if cost.low > limit:
+        return f"goal <= {goal:.0%}: missed"
+    return f"goal <= {goal:.0%}: not resolved (interval reaches {cost.high - 1:+.1%})"
+
+
+def cost_rows(samples: Samples, targets, modes, conditions, rounds: list[int] | None) -> list[dict]:
+    rows = []
+    for target in targets:
+        for metric in metrics_for(modes):
+            base = _pick(samples.get("untraced", target, metric), rounds)
+            row = {"target": target, "mode": metric.mode, "metric": metric.label, "unit": metric.unit,
+                   "tool": samples.tools.get(metric.mode, "?"), "untraced": _median(base)}
+            for cond in conditions[1:]:
+                vals = _pick(samples.get(cond, target, metric), rounds)
+                cost = cost_of(base, vals, metric)
+                row[cond] = _median(vals)
+                row[f"{cond}_cost"] = cost.to_dict() if cost else None
+                if cond == "traced":
+                    row["goal"] = goal_verdict(cost, GOALS.get((metric.mode, metric.key)))
+            rows.append(row)
+    return rows
+
+
+def _ratio_text(d: dict | None) -> str:
+    return "-" if d is None else str(Ratio(d["mean"], d["low"], d["high"], d["n"]))
+
+
+def _cost_text(d: dict | None) -> str:
+    """A cost as a signed percentage with its interval: +3.1% [+1.0, +5.2]."""
+    if d is None:
+        return "-"
+    return f"{(d['mean'] - 1) * 100:+.1f}% [{(d['low'] - 1) * 100:+.1f}, {(d['high'] - 1) * 100:+.1f}]"
+
+
+# ---- the observer: session, pumping, BPF statistics, own CPU ---------------------------------
+
+class Pumper:
+    """Pumps a Session from a background thread while a traced slice runs (as watch pumps it),
+    and adds up that thread's CPU time. Only this thread touches the session while it runs."""
+
+    def __init__(self, session, interval_ms: int = 200):
+        self.session, self.interval_ms = session, interval_ms
+        self.cpu_s = 0.0
+        self.wall_s = 0.0
+        self.flows = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _loop(self) -> None:
+        t0 = time.thread_time()
+        try:
+            while not self._stop.is_set():
+                self.flows += len(self.session.pump(self.interval_ms))
+        except BaseException as exc:     # noqa: BLE001 - reported by the main thread
+            self.error = exc
+        finally:
+            self.cpu_s += time.thread_time() - t0
+
+    def __enter__(self) -> "Pumper":
+        self._stop.clear()
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="routetrace-pump", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.wall_s += time.monotonic() - self._started
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+
+@contextlib.contextmanager
+def bpf_stats_enabled():
+    """kernel.bpf_stats_enabled=1 for the run (run_time_ns is 0 without it), restored after.
+    It adds two clock reads to every BPF program run on the machine while on."""
+    path = "/proc/sys/kernel/bpf_stats_enabled"
+    try:
+        with open(path) as fh:
+            before = fh.read().strip()
+        with open(path, "w") as fh:
+            fh.write("1")
+    except OSError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        with contextlib.suppress(OSError), open(path, "w") as fh:
+            fh.write(before)
+
+
+def stats_delta(before, after) -> dict[str, tuple[int, int]]:
+    """program name -> (runs, ns) between two program_stats() lists."""
+    b = {p.name: p for p in before}
+    out = {}
+    for p in after:
+        q = b.get(p.name)
+        out[p.name] = (p.run_cnt - (q.run_cnt if q else 0), p.run_time_ns - (q.run_time_ns if q else 0))
     return out
 
 
+def floor_plan(raw: bool):
+    from .probes import BPF_DIR, AttachPlan, Attachment
+    att = (Attachment("raw_tracepoint", "net_dev_queue", "raw_tracepoint__net_dev_queue") if raw
+           else Attachment("tracepoint", "net:net_dev_queue", "tracepoint__net__net_dev_queue"))
+    return AttachPlan(backend="floor", sources=[BPF_DIR / "floor.c"], attachments=[att], offsets=[],
+                      filters=Filters(), extra_cflags=["-DFLOOR_RAW=1"] if raw else [])
+
+
+@dataclass
+class Observer:
+    """The programs each condition attaches, and what they cost, slice by slice."""
+    programs: dict = field(default_factory=dict)        # condition -> Session or Tracer
+    session: object = None
+    pumper: Pumper | None = None
+    current: str = "untraced"
+    per_slot: dict = field(default_factory=dict)        # (cond, target, mode) -> {prog: [runs, ns]}
+    slot_seconds: dict = field(default_factory=dict)    # (cond, target, mode) -> seconds
+    floor_counts: dict = field(default_factory=dict)    # floor condition -> its count map
+    cpu: dict = field(default_factory=lambda: {"pump_cpu_s": 0.0, "process_cpu_s": 0.0, "traced_wall_s": 0.0})
+
+    def set_condition(self, cond: str) -> None:
+        if cond == self.current:
+            return
+        if self.current in self.programs:
+            self.programs[self.current].set_attached(False)
+        if cond in self.programs:
+            self.programs[cond].set_attached(True)
+        self.current = cond
+
+    @contextlib.contextmanager
+    def slice(self, cond: str, target: str, mode: str):
+        prog = self.programs.get(cond)
+        if prog is None:
+            yield
+            return
+        before = prog.program_stats()
+        ru0 = _process_cpu()
+        t0 = time.monotonic()
+        if cond == "traced":
+            with self.pumper:
+                yield
+        else:
+            yield
+        wall = time.monotonic() - t0
+        if cond == "traced":
+            self.cpu["process_cpu_s"] += _process_cpu() - ru0
+            self.cpu["traced_wall_s"] += wall
+        slot = self.per_slot.setdefault((cond, target, mode), {})
+        for name, (runs, ns) in stats_delta(before, prog.program_stats()).items():
+            acc = slot.setdefault(name, [0, 0])
+            acc[0] += runs
+            acc[1] += ns
+        self.slot_seconds[(cond, target, mode)] = self.slot_seconds.get((cond, target, mode), 0.0) + wall
+
+
+def _process_cpu() -> float:
+    import resource
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def bpf_rows(obs: Observer, samples: Samples) -> list[dict]:
+    """Per condition, target, mode and program: runs, ns per run, runs per unit of work."""
+    rows = []
+    for (cond, target, mode), progs in sorted(obs.per_slot.items()):
+        work = None
+        if mode == "conn":
+            work = sum(samples.values.get((cond, target, mode, "connections"), [])) or None
+        for name, (runs, ns) in sorted(progs.items()):
+            rows.append({"condition": cond, "target": target, "mode": mode, "program": name, "runs": runs,
+                         "ns_per_run": ns / runs if runs else None,
+                         "bpf_ms_per_s": ns / 1e6 / obs.slot_seconds[(cond, target, mode)],
+                         "runs_per_connection": runs / work if work else None})
+    return rows
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+PIN_CHOICES = ("same", "split", "none")
+
+
+def pinning_for(pin: str, cpus: int) -> loadgen.Pinning:
+    """same: client and servers share the last CPU (a loopback round trip then wakes its peer on
+    the CPU it runs on: no cross-CPU wakeup, the stable regime); split: client on CPU 0, servers
+    on CPU 1; none: the scheduler decides, and a slice lands in either regime."""
+    last = str(cpus - 1)
+    if pin == "same":
+        return loadgen.Pinning(last, last)
+    if pin == "split" and cpus >= 2:
+        return loadgen.Pinning("0", "1")
+    return loadgen.Pinning()
+
+
+def machine_facts() -> dict:
+    facts = {"kernel": os.uname().release, "cpus": os.cpu_count()}
+    with contextlib.suppress(OSError):
+        facts["loadavg"] = open("/proc/loadavg").read().split()[:3]
+    return facts
+
+
+def _steal_jiffies() -> int | None:
+    try:
+        fields = open("/proc/stat").readline().split()
+        return int(fields[8])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def render(report: dict) -> str:
+    loopback, own = report["targets"]
+    out = [f"load: {', '.join(f'{m} {t}' for m, t in report['tools'].items())}; {report['pinning']}"]
+    rows = [(f"{r['mode']} {r['metric']} ({r['unit']})", r["tool"], _fmt(r["loopback"]), _fmt(r["own"]),
+             _ratio_text(r["ratio"]), r["note"]) for r in report["comparison"]]
+    out.append(tabulate(rows, headers=("METRIC (median of rounds)", "TOOL", loopback, own,
+                                       f"{own} / {loopback} [95% CI]", "")))
+    if report.get("regime_note"):
+        out.append("\nnote: " + report["regime_note"])
+    if report.get("cost"):
+        conds = report["conditions"][1:]
+        for r in report["cost"]:
+            key = next(((m.mode, m.key) for m in METRICS if m.mode == r["mode"] and m.label == r["metric"]), None)
+            c = r.get("traced_cost")
+            r["goal"] = goal_verdict(Ratio(c["mean"], c["low"], c["high"], c["n"]) if c else None, GOALS.get(key))
+        trows = [(r["target"], f"{r['mode']} {r['metric']} ({r['unit']})", _fmt(r["untraced"]),
+                  *(x for c in conds for x in (_fmt(r.get(c)), _cost_text(r.get(f"{c}_cost")))), r.get("goal", ""))
+                 for r in report["cost"]]
+        heads = ("TARGET", "METRIC (median)", "untraced",
+                 *(x for c in conds for x in (c, f"{c} cost [95% CI]")), "")
+        out.append("\ncost of tracing (cost > 0 is worse: slower round trip, lower rate); "
+                   "floor = one increment on the same hook:\n" + tabulate(trows, headers=heads))
+    if report.get("bpf"):
+        brows = [(r["condition"], r["target"], r["mode"], r["program"], r["runs"],
+                  "-" if r["ns_per_run"] is None else f"{r['ns_per_run']:.0f}", f"{r['bpf_ms_per_s']:.2f}",
+                  "-" if r["runs_per_connection"] is None else f"{r['runs_per_connection']:.2f}")
+                 for r in report["bpf"]]
+        out.append("\nBPF statistics (kernel.bpf_stats_enabled=1 during the run; runs count every packet and "
+                   "lookup on the machine during the slice, other namespaces' too: routetrace's filter runs "
+                   "inside its programs, the floor has none):\n" + tabulate(
+            brows, headers=("CONDITION", "TARGET", "MODE", "PROGRAM", "RUNS", "NS/RUN", "BPF MS/S", "RUNS/CONN")))
+    if report.get("observer"):
+        o = report["observer"]
+        out.append(f"\nroutetrace's own CPU over {o['traced_wall_s']:.1f}s of traced slices: pump thread "
+                   f"{o['pump_cpu_s'] * 1e3:.0f} ms ({o['pump_cpu_pct']:.2f}% of one CPU), whole process "
+                   f"{o['process_cpu_s'] * 1e3:.0f} ms; session saw {o['flows']} flows, losses: {o['losses']}")
+    for note in report.get("notes", []):
+        out.append("note: " + note)
+    return "\n".join(out)
+
+
+# ---- the experiment -----------------------------------------------------------------------------
+
 def experiment(prepare, *, sandbox: bool, own: str | None, port: int, rounds: int, seconds: float,
-               out=None, err=None) -> None:
-    """Set the stage (sandbox or this host, the benchmark server), optionally the probes
+               modes=MODES, load: str = "auto", pin: str = "same", floor: bool = True,
+               as_json: bool = False, plot: str | None = None, out=None, err=None) -> dict:
+    """Set the stage (sandbox or this host, the load's servers), optionally the probes
     (prepare(filters) -> (plan, headers); None: untraced only), then measure and print."""
     out, err = out or sys.stdout, err or sys.stderr
+    modes = tuple(m for m in MODES if m in modes)
+    tools = loadgen.tools_available(modes) if load == "auto" else {m: "python" for m in modes}
+    cpus = os.cpu_count() or 1
+    pinning = pinning_for(pin, cpus)
+    facts = machine_facts()
+    steal0, t_start = _steal_jiffies(), time.monotonic()
     with contextlib.ExitStack() as stack:
         if sandbox:
             sb = enter_sandbox(stack)
             ns, own = sb.host, sb.own_addr
         else:
             ns, own = None, host_addresses([own] if own else [])[0]
-        stack.callback(stop_process, start_listener(ns, [port], "bench-serve", addresses=["127.0.0.1", own]))
-        conditions, tracer, attached = ("untraced",), None, [True]
+        # On a real host only the two targets are served; in the sandbox, its private namespace.
+        stack.enter_context(loadgen.Servers(ns, port, tools, pinning, None if sandbox else ["127.0.0.1", own]))
+        obs = Observer()
+        conditions = ("untraced",)
         if prepare is not None:
+            from .session import Session
             from .tracer import Tracer
+            stack.enter_context(bpf_stats_enabled())
             plan, headers = prepare(Filters(netns=netns.inode_of(ns)))
-            tracer = stack.enter_context(Tracer(plan, headers))
+            print("loading routetrace's programs" + (" and the floor's" if floor else "") + "...", file=err, flush=True)
+            session = stack.enter_context(Session(plan, headers))
+            session.set_attached(False)
+            obs.programs["traced"], obs.session, obs.pumper = session, session, Pumper(session)
             conditions = ("untraced", "traced")
+            if floor:
+                for cond, raw in (("floor-raw", True), ("floor-tp", False)):
+                    tracer = stack.enter_context(Tracer(floor_plan(raw), headers))
+                    # Opening the count map also makes bcc's BPF object truthy (its len() counts
+                    # opened maps), which Tracer.program_stats() tests before it reports anything.
+                    obs.floor_counts[cond] = tracer._bpf[b"floor_count"]
+                    tracer.set_attached(False)
+                    obs.programs[cond] = tracer
+                conditions = CONDITIONS
 
-        def set_condition(cond):
-            """Probes on for "traced" slices, off for the others; switched only on a change."""
-            if tracer is not None and attached[0] != (cond == "traced"):
-                attached[0] = cond == "traced"
-                tracer.set_attached(attached[0])
-        total = rounds * len(conditions) * 2 * len(MODES) * seconds
-        print(f"Measuring 127.0.0.1 against {own}: {rounds} rounds, about {total:.0f}s...", file=err, flush=True)
-        samples = run(lambda mode, target, secs: bench_slice(ns, mode, target, port, secs),
-                      ["127.0.0.1", own], rounds=rounds, seconds=seconds, conditions=conditions,
-                      set_condition=set_condition, progress=err)
-        print(render(samples, "127.0.0.1", own, conditions), file=out, flush=True)
+        def measure(cond, mode, target, secs):
+            with obs.slice(cond, target, mode):
+                return loadgen.measure(mode, tools[mode], ns, target, port, secs, pinning)
+
+        per_slot = sum(2.2 + loadgen.sockperf_seconds(seconds) if tools[m] == "sockperf" else
+                       max(1, math.ceil(seconds)) + 0.1 if tools[m] == "iperf3" else seconds + 0.1
+                       for m in modes)
+        total = rounds * len(conditions) * 2 * per_slot
+        print(f"Measuring 127.0.0.1 against {own}: {rounds} rounds x {len(conditions)} condition(s), "
+              f"about {total:.0f}s...", file=err, flush=True)
+        samples = run(measure, ["127.0.0.1", own], modes=modes, rounds=rounds, seconds=seconds,
+                      conditions=conditions, set_condition=obs.set_condition, progress=err)
+        obs.set_condition("untraced")
+        result = None
+        if obs.session is not None:
+            result, _new = obs.session.finish()
+    steal1 = _steal_jiffies()
+    facts["loadavg_after"] = machine_facts().get("loadavg")
+    if steal0 is not None and steal1 is not None:
+        ticks = os.sysconf("SC_CLK_TCK")
+        facts["steal_pct"] = 100 * (steal1 - steal0) / ticks / ((time.monotonic() - t_start) * cpus)
+    report = build_report(samples, "127.0.0.1", own, modes, conditions, tools, pinning, facts, obs, result)
+    if plot:
+        from . import plot as plotting
+        plotting.save(plotting.figure(report, samples), plot)
+        print(f"plot written to {plot}", file=err, flush=True)
+    if as_json:
+        print(json.dumps(report, indent=2), file=out, flush=True)
+    else:
+        print(render(report), file=out, flush=True)
+    return report
+
+
+def build_report(samples, loopback, own, modes, conditions, tools, pinning, facts, obs=None, result=None) -> dict:
+    report = {"targets": [loopback, own], "modes": list(modes), "conditions": list(conditions),
+              "tools": {m: loadgen.tool_version(t) for m, t in tools.items()},
+              "pinning": pinning.describe(), "machine": facts, "notes": []}
+    samples.tools.update(tools)          # the TOOL column names the tool chosen for each mode
+    report["comparison"] = comparison_rows(samples, loopback, own, modes)
+    kept, note = stable_rounds(samples, [loopback, own])
+    report["regime_note"] = note
+    report["cost_rounds"] = None if kept is None else [i + 1 for i in kept]
+    if len(conditions) > 1:
+        report["cost"] = cost_rows(samples, [loopback, own], modes, conditions, kept if note else None)
+    if obs is not None and obs.per_slot:
+        report["bpf"] = bpf_rows(obs, samples)
+    if obs is not None and obs.session is not None:
+        c = obs.cpu
+        report["observer"] = {**c, "pump_cpu_s": obs.pumper.cpu_s,
+                              "pump_cpu_pct": 100 * obs.pumper.cpu_s / c["traced_wall_s"] if c["traced_wall_s"] else 0.0,
+                              "flows": len(result.flows) if result else 0,
+                              "losses": (result.losses.to_dict() if result else {})}
+    if "conn" in modes and tools.get("conn") == "python":
+        user = samples.values.get(("untraced", loopback, "conn", "user_s"), [])
+        sys_ = samples.values.get(("untraced", loopback, "conn", "sys_s"), [])
+        n = samples.values.get(("untraced", loopback, "conn", "connections"), [])
+        if n and sum(n):
+            report["conn_client"] = {"user_us_per_conn": 1e6 * sum(user) / sum(n),
+                                     "sys_us_per_conn": 1e6 * sum(sys_) / sum(n),
+                                     "wall_us_per_conn": 1e6 / statistics.median(
+                                         samples.values[("untraced", loopback, "conn", "per_s")])}
+            cc = report["conn_client"]
+            report["notes"].append(
+                f"connection client (Python loop, SO_LINGER 0): {cc['user_us_per_conn']:.1f} us of user CPU "
+                f"(the interpreter) and {cc['sys_us_per_conn']:.1f} us of system CPU per connection, "
+                f"{cc['wall_us_per_conn']:.1f} us per connection in all (to 127.0.0.1)")
+    report["samples"] = {"|".join(k): v for k, v in samples.values.items()}
+    # every CDF the plot draws, thinned to 1000 points: enough to draw it again from the JSON
+    report["cdf_us"] = {"|".join(k): thin(sorted(v), 1000) for k, v in samples.latencies.items()}
+    return report

@@ -219,26 +219,45 @@ def prove(port, sandbox, to, control, proto, closed, as_json, record, force, bac
 @click.option("--to", "to", multiple=True, callback=_addresses, metavar="ADDR",
               help="Own address to compare with 127.0.0.1; default: the first IPv4 address on this host.")
 @click.option("--duration", "-d", type=float, default=1.0, show_default=True, callback=_duration,
-              metavar="SECONDS", help="Seconds per measurement slice.")
+              metavar="SECONDS", help="Seconds per measurement slice (sockperf and iperf3 round up to whole seconds).")
 @click.option("--rounds", "-r", type=click.IntRange(2, 100), default=5, show_default=True, metavar="N",
-              help="Interleaved rounds (each measures every target and metric once).")
+              help="Interleaved rounds (each measures every target, mode and condition once).")
 @click.option("--port", "-P", callback=_port, default="9100", show_default=True, metavar="PORT",
-              help="Base port: PORT echo, PORT+1 bulk sink, PORT+2 accept-close.")
+              help="Base port: PORT sockperf, +1 iperf3, +2 accept-close, +3 Python echo, +4 Python sink.")
+@click.option("--mode", "modes", multiple=True, metavar="MODE",
+              type=click.Choice(["tcp-rr", "udp-rr", "tcp-tp", "udp-tp", "tcp-bulk", "conn"]),
+              help="Only these workloads (repeatable); default: all.")
+@click.option("--load", type=click.Choice(["auto", "python"]), default="auto", show_default=True,
+              help="auto: sockperf and iperf3 where installed, Python clients otherwise; python: Python only.")
+@click.option("--pin", type=click.Choice(["same", "split", "none"]), default="same", show_default=True,
+              help="taskset: client and servers on one CPU (same), on two (split), or unpinned (none).")
 @click.option("--trace", "with_trace", is_flag=True,
-              help="Also measure with routetrace's probes attached, and report their cost.")
+              help="Also measure with routetrace's session attached and pumped, and the floor, and report the cost.")
+@click.option("--no-floor", is_flag=True, help="With --trace: skip the one-increment floor programs.")
+@click.option("--json", "as_json", is_flag=True, help="Every table as one JSON object.")
+@click.option("--plot", metavar="FILE", help="Also draw latency CDFs and per-round rates to FILE (.png or .svg).")
 @backend_option("Which probes --trace attaches.")
-def bench(sandbox, to, duration, rounds, port, with_trace, backend):
+def bench(sandbox, to, duration, rounds, port, modes, load, pin, with_trace, no_floor, as_json, plot, backend):
     """Is 127.0.0.1 faster than an own address? Latency, throughput and connection rate, with intervals."""
     from . import bench as benchmark
-    if port > 65533:
-        raise UsageError("--port needs PORT+2 free as well: use at most 65533")
+    from . import loadgen
+    if port > 65535 - (loadgen.PORTS_USED - 1):
+        raise UsageError(f"--port needs PORT+{loadgen.PORTS_USED - 1} free as well: use at most {65535 - loadgen.PORTS_USED + 1}")
     if sandbox and to:
         raise UsageError("--sandbox chooses its own addresses: drop --to")
+    if plot and not plot.lower().endswith((".png", ".svg")):
+        raise UsageError("--plot FILE must end in .png or .svg")
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise EnvironmentProblem("--plot needs matplotlib: apt install python3-matplotlib") from None
     if sandbox or with_trace:
         _require_root("bench")          # namespaces and probes both need it
     prepare = (lambda filters: _prepare("bench", filters, backend)) if with_trace else None
     benchmark.experiment(prepare, sandbox=sandbox, own=to[0] if to else None, port=port,
-                         rounds=rounds, seconds=duration)
+                         rounds=rounds, seconds=duration, modes=modes or benchmark.MODES, load=load,
+                         pin=pin, floor=not no_floor, as_json=as_json, plot=plot)
 
 
 @cli.command()

@@ -1,0 +1,28 @@
+/* The floor for `routetrace bench --trace`: the least a program on routetrace's hook can cost.
+ * One per-CPU array increment per packet handed to a device, nothing else (no filter, no
+ * skb read, no map lookup by key). FLOOR_RAW selects the raw tracepoint (what routetrace's
+ * tracepoint plan uses); without it, the regular tracepoint, which copies its record first.
+ */
+
+BPF_PERCPU_ARRAY(floor_count, u64, 1);
+
+static __always_inline int floor_hit(void)
+{
+    int zero = 0;
+    u64 *v = floor_count.lookup(&zero);
+    if (v)
+        *v += 1;
+    return 0;
+}
+
+#ifdef FLOOR_RAW
+RAW_TRACEPOINT_PROBE(net_dev_queue)
+{
+    return floor_hit();
+}
+#else
+TRACEPOINT_PROBE(net, net_dev_queue)
+{
+    return floor_hit();
+}
+#endif

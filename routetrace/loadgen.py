@@ -1,0 +1,500 @@
+"""The load for `routetrace bench`: the field's own tools (sockperf, iperf3) run as subprocesses
+inside a network namespace, their machine-readable output parsed here; Python clients and
+servers where a tool is missing (and for connection rate, where no packaged tool measures it).
+
+Each workload ("mode") has one driver per tool; `measure()` picks the first tool present and
+returns a Result naming it, so every number in bench's tables says which tool produced it.
+
+Ports, from the base port P: P sockperf server (TCP and UDP), P+1 iperf3 server,
+P+2 accept-and-close (connection rate), P+3 Python echo (TCP and UDP), P+4 Python sink.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EnvironmentProblem
+
+# mode -> (what it measures, the tools that can drive it, best first)
+MODES = {
+    "tcp-rr": ("TCP 14-byte ping-pong round trip", ("sockperf", "python")),
+    "udp-rr": ("UDP 14-byte ping-pong round trip", ("sockperf", "python")),
+    "tcp-tp": ("TCP one-way throughput, 16 KiB writes", ("sockperf", "python")),
+    "udp-tp": ("UDP one-way send rate, 1472-byte datagrams", ("sockperf", "python")),
+    "tcp-bulk": ("TCP bulk throughput (receiver)", ("iperf3", "python")),
+    "conn": ("TCP connect + RST close, one at a time", ("python",)),
+}
+LATENCY_MODES = ("tcp-rr", "udp-rr")
+RR_SIZE, TCP_TP_SIZE, UDP_TP_SIZE = 14, 16384, 1472
+SOCKPERF_WARMUP_S = 0.4             # sockperf's own warm-up inside -t, not in its statistics
+PORT_SOCKPERF, PORT_IPERF3, PORT_ACCEPT, PORT_ECHO, PORT_SINK = range(5)
+PORTS_USED = 5
+
+
+def tool_path(tool: str) -> str | None:
+    return sys.executable if tool == "python" else shutil.which(tool)
+
+
+def tools_available(modes=MODES) -> dict[str, str]:
+    """mode -> the tool that will drive it here."""
+    return {m: next(t for t in MODES[m][1] if tool_path(t)) for m in modes}
+
+
+def tool_version(tool: str) -> str:
+    try:
+        if tool == "sockperf":
+            out = subprocess.run(["sockperf", "--version"], capture_output=True, text=True, timeout=10)
+            m = re.search(r"version\s+#?([\w.\-]+)", out.stdout + out.stderr)
+        elif tool == "iperf3":
+            out = subprocess.run(["iperf3", "--version"], capture_output=True, text=True, timeout=10)
+            m = re.search(r"iperf\s+([\w.\-+]+)", out.stdout + out.stderr)
+        else:
+            return f"python {sys.version.split()[0]}"
+    except (OSError, subprocess.TimeoutExpired):
+        return tool
+    return f"{tool} {m.group(1)}" if m else tool
+
+
+@dataclass
+class Result:
+    """One measured slice. values: metric -> number; latencies_us: the slice's round trips
+    (sorted), for percentiles and the plot."""
+    mode: str
+    tool: str
+    values: dict[str, float]
+    latencies_us: list[float] = field(default_factory=list, repr=False)
+    duration_s: float = 0.0
+
+
+# ---- statistics on one slice ------------------------------------------------------------
+
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """sockperf's percentile, so that ours and its summary agree: the value at rank
+    q/100 * (n - 1), rounded to the nearest rank (a tie goes to the lower one).
+    sorted_values must be sorted and non-empty."""
+    import math
+    from fractions import Fraction
+    if not sorted_values:
+        raise ValueError("no values")
+    if not 0 <= q <= 100:
+        raise ValueError("percentile must be in [0, 100]")
+    rank = Fraction(str(q)) * (len(sorted_values) - 1) / 100
+    return sorted_values[max(0, math.ceil(rank - Fraction(1, 2)))]
+
+
+def latency_values(lat: list[float]) -> dict[str, float]:
+    lat.sort()
+    out = {f"p{q:g}": percentile(lat, q) for q in PERCENTILES}
+    out["samples"] = float(len(lat))
+    return out
+
+
+# ---- parsers of the tools' output ------------------------------------------------------
+
+def parse_sockperf_full_log(text: str) -> list[float]:
+    """sockperf --full-log FILE: a summary block, then "packet, txTime(sec), rxTime(sec),
+    rtt(usec)" (or "latency(usec)" without --full-rtt) and one CSV row per message of the valid
+    (post warm-up) period. Returns the last column, in microseconds."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("packet,") and "(usec)" in line:
+            break
+    else:
+        raise ValueError("no sockperf full-log table (header 'packet, txTime(sec), ...') found")
+    out = []
+    for line in lines[i + 1:]:
+        parts = line.split(",")
+        if len(parts) < 4:
+            if line.startswith("---") or not line.strip():
+                continue
+            raise ValueError(f"unexpected sockperf full-log line: {line!r}")
+        out.append(float(parts[3]))
+    if not out:
+        raise ValueError("sockperf full log has no messages")
+    return out
+
+
+_SP_PCTL = re.compile(r"percentile\s+([\d.]+)\s*=\s*([\d.]+)")
+_SP_VALID = re.compile(r"\[Valid Duration\] RunTime=([\d.]+) sec; SentMessages=(\d+); ReceivedMessages=(\d+)")
+
+
+def parse_sockperf_pp_summary(text: str) -> dict[str, float]:
+    """sockperf ping-pong's own summary (stdout or the full log's head): its percentiles (in
+    the same unit as the log, round trip with --full-rtt) and the valid run time."""
+    m = _SP_VALID.search(text)
+    if not m:
+        raise ValueError("no '[Valid Duration]' line in sockperf output")
+    out = {"valid_s": float(m.group(1)), "sent": float(m.group(2)), "received": float(m.group(3))}
+    for q, v in _SP_PCTL.findall(text):
+        out[f"p{float(q):g}"] = float(v)
+    return out
+
+
+_SP_TP_TOTAL = re.compile(r"Total of (\d+) messages sent in ([\d.]+) sec")
+_SP_TP_RATE = re.compile(r"Message Rate is (\d+) \[msg/sec\]")
+_SP_TP_BW = re.compile(r"BandWidth is ([\d.]+) MBps")
+
+
+def parse_sockperf_tp(text: str, msg_size: int) -> dict[str, float]:
+    """sockperf throughput: it prints no machine-readable form; its summary lines are stable.
+    Sender side (one-way, nothing acknowledges), in bytes of payload per second."""
+    total, rate = _SP_TP_TOTAL.search(text), _SP_TP_RATE.search(text)
+    if not total or not rate:
+        raise ValueError("no 'Total of N messages sent in T sec' / 'Message Rate' in sockperf output")
+    messages, seconds = int(total.group(1)), float(total.group(2))
+    return {"msg_per_s": messages / seconds, "mb_per_s": messages * msg_size / seconds / 1e6,
+            "sockperf_msg_per_s": float(rate.group(1))}
+
+
+def parse_iperf3_json(text: str) -> dict[str, float]:
+    """iperf3 -J: the receiver's byte count over its own time (what arrived, not what left)."""
+    data = json.loads(text)
+    if "error" in data:
+        raise ValueError(f"iperf3: {data['error']}")
+    rx, tx = data["end"]["sum_received"], data["end"]["sum_sent"]
+    cpu = data["end"].get("cpu_utilization_percent", {})
+    return {"mb_per_s": rx["bytes"] / rx["seconds"] / 1e6, "sent_mb_per_s": tx["bytes"] / tx["seconds"] / 1e6,
+            "retransmits": float(tx.get("retransmits", 0)), "client_cpu_pct": float(cpu.get("host_total", 0.0)),
+            "server_cpu_pct": float(cpu.get("remote_total", 0.0))}
+
+
+# ---- running things inside a namespace ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Pinning:
+    """CPUs for client and server (taskset -c), or None for the scheduler's choice."""
+    client: str | None = None
+    server: str | None = None
+
+    def describe(self) -> str:
+        if self.client is None and self.server is None:
+            return "not pinned"
+        if self.client == self.server:
+            return f"client and servers on CPU {self.client} (taskset)"
+        return f"client on CPU {self.client or 'any'}, server on CPU {self.server or 'any'} (taskset)"
+
+
+def _prefix(ns: str | None, cpus: str | None) -> list[str]:
+    out = ["ip", "netns", "exec", ns] if ns else []
+    if cpus is not None and shutil.which("taskset"):
+        out += ["taskset", "-c", cpus]
+    return out
+
+
+def _python_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "routetrace.loadgen", *args]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+class Servers:
+    """Every server the chosen tools need, in namespace `ns`, stopped on exit."""
+
+    def __init__(self, ns: str | None, base: int, tools: dict[str, str], pin: Pinning = Pinning(),
+                 addresses: list[str] | None = None):
+        """addresses: bind only these (on a real host: the targets under test, nothing else);
+        None: every address, inside a sandbox namespace no one else can reach."""
+        self.ns, self.base, self.tools, self.pin = ns, base, tools, pin
+        self.addresses = list(addresses) if addresses else [None]
+        self.procs: list[subprocess.Popen] = []
+        self._tmp = tempfile.TemporaryDirectory(prefix="routetrace-bench-")
+
+    def __enter__(self) -> "Servers":
+        try:
+            used = set(self.tools.values())
+            p = self.base
+            for addr in self.addresses:
+                on = [] if addr is None else ["-i", addr]
+                if "sockperf" in used:
+                    self._spawn(["sockperf", "sr", "--tcp", "-p", str(p + PORT_SOCKPERF), *on], f"sockperf TCP :{p}")
+                    self._spawn(["sockperf", "sr", "-p", str(p + PORT_SOCKPERF), *on], f"sockperf UDP :{p}")
+                if "iperf3" in used:
+                    self._spawn(["iperf3", "-s", "-p", str(p + PORT_IPERF3), *([] if addr is None else ["-B", addr])],
+                                f"iperf3 :{p + PORT_IPERF3}")
+                bind = [] if addr is None else ["--bind", addr]
+                # Python: accept-and-close for connection rate, echo and sink for the fallbacks.
+                self._spawn(_python_argv("serve", str(p), "--accept-only", *bind), "python acceptor", ready_line=True)
+                if "python" in set(self.tools[m] for m in self.tools if m != "conn"):
+                    self._spawn(_python_argv("serve", str(p), *bind), "python echo and sink", ready_line=True)
+            for port, proto in ((p + PORT_SOCKPERF, "tcp"), (p + PORT_IPERF3, "tcp")):
+                if ("sockperf" in used and port == p + PORT_SOCKPERF) or ("iperf3" in used and port == p + PORT_IPERF3):
+                    self._wait_port(port)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:
+            _stop(proc)
+        self.procs.clear()
+        self._tmp.cleanup()
+
+    def _spawn(self, argv, what, ready_line=False):
+        proc = subprocess.Popen([*_prefix(self.ns, self.pin.server), *argv], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, text=True)
+        self.procs.append(proc)
+        if ready_line and proc.stdout.readline().strip() != "ready":
+            raise EnvironmentProblem(f"{what} did not start (port {self.base}..{self.base + PORTS_USED - 1} in use?)")
+        if proc.poll() is not None:
+            raise EnvironmentProblem(f"{what} exited at once (port in use?)")
+
+    def _wait_port(self, port: int, timeout: float = 5.0) -> None:
+        """A TCP server is up when the namespace lists its socket (no connection, no traffic)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = subprocess.run([*_prefix(self.ns, None), "ss", "-Hltn", f"sport = :{port}"],
+                                 capture_output=True, text=True, check=False)
+            if out.stdout.strip():
+                return
+            if any(p.poll() is not None for p in self.procs):
+                raise EnvironmentProblem(f"a benchmark server exited at once (port {port} in use?)")
+            time.sleep(0.05)
+        raise EnvironmentProblem(f"no server listening on port {port} after {timeout:g}s")
+
+
+def _run(argv: list[str], timeout: float, what: str) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise EnvironmentProblem(f"{what} did not finish in {timeout:g}s") from None
+    if out.returncode != 0:
+        last = (out.stderr.strip() or out.stdout.strip()).splitlines()[-1:] or ["?"]
+        raise EnvironmentProblem(f"{what} failed (exit {out.returncode}): {last[0]}")
+    return out.stdout + out.stderr
+
+
+def sockperf_seconds(seconds: float) -> int:
+    """sockperf takes whole seconds and spends the first 0.4 s warming up."""
+    import math
+    return max(1, math.ceil(seconds + SOCKPERF_WARMUP_S))
+
+
+def measure(mode: str, tool: str, ns: str | None, host: str, base: int, seconds: float,
+            pin: Pinning = Pinning()) -> Result:
+    """One slice of `mode` driven by `tool`, from namespace `ns` to host."""
+    client = _prefix(ns, pin.client)
+    if tool == "sockperf" and mode in LATENCY_MODES:
+        with tempfile.TemporaryDirectory(prefix="routetrace-sockperf-") as tmp:
+            log = Path(tmp) / "full.csv"
+            argv = [*client, "sockperf", "pp", "-i", host, "-p", str(base + PORT_SOCKPERF), "-m", str(RR_SIZE),
+                    "-t", str(sockperf_seconds(seconds)), "--full-rtt", "--full-log", str(log)]
+            if mode == "tcp-rr":
+                argv.insert(len(client) + 2, "--tcp")
+            _run(argv, seconds + 60, f"sockperf pp ({mode} to {host})")
+            text = log.read_text()
+        lat = parse_sockperf_full_log(text)
+        values = latency_values(lat)
+        summary = parse_sockperf_pp_summary(text)
+        return Result(mode, tool, values, lat, summary["valid_s"])
+    if tool == "sockperf":
+        size = TCP_TP_SIZE if mode == "tcp-tp" else UDP_TP_SIZE
+        argv = [*client, "sockperf", "tp", "-i", host, "-p", str(base + PORT_SOCKPERF), "-m", str(size),
+                "-t", str(sockperf_seconds(seconds))]
+        if mode == "tcp-tp":
+            argv.insert(len(client) + 2, "--tcp")
+        values = parse_sockperf_tp(_run(argv, seconds + 60, f"sockperf tp ({mode} to {host})"), size)
+        return Result(mode, tool, values, duration_s=sockperf_seconds(seconds))
+    if tool == "iperf3":
+        import math
+        secs = max(1, math.ceil(seconds))
+        argv = [*client, "iperf3", "-c", host, "-p", str(base + PORT_IPERF3), "-t", str(secs), "-J"]
+        out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=secs + 60)
+        try:
+            values = parse_iperf3_json(out.stdout)
+        except (ValueError, KeyError) as exc:
+            raise EnvironmentProblem(f"iperf3 to {host} failed: {exc}") from None
+        return Result(mode, tool, values, duration_s=float(secs))
+    if tool == "python":
+        text = _run([*client, *_python_argv("client", mode, host, str(base), str(seconds))], seconds + 60,
+                    f"python client ({mode} to {host})")
+        data = json.loads(text.strip().splitlines()[-1])
+        lat = data.pop("latencies_us", [])
+        values = latency_values(lat) if lat else {}
+        values.update(data)
+        return Result(mode, tool, values, lat, seconds)
+    raise ValueError(f"no driver for {mode} with {tool}")
+
+
+# ---- the Python servers and clients (run inside a namespace) --------------------------------
+
+_LINGER0 = struct.pack("ii", 1, 0)
+
+
+def serve(base: int, accept_only: bool = False, bind: str = "0.0.0.0") -> None:
+    """accept_only: accept-and-close on P+2; else echo (TCP and UDP) on P+3, sink on P+4.
+    bind: the one address to listen on (0.0.0.0 only inside a sandbox namespace)."""
+    import threading
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+
+    def listener(port):
+        s = socket.socket(family)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((bind, port))
+        s.listen(4096)
+        return s
+
+    def accept_close(sock):
+        accept = sock.accept
+        while True:
+            conn, _ = accept()
+            conn.close()
+
+    def echo_conn(conn):
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def sink_conn(conn):
+        with conn:
+            total = 0
+            while data := conn.recv(1 << 20):
+                total += len(data)
+            conn.sendall(str(total).encode())
+
+    def threaded(sock, handler):
+        while True:
+            conn, _ = sock.accept()
+            threading.Thread(target=handler, args=(conn,), daemon=True).start()
+
+    def udp_echo(sock):
+        while True:
+            data, peer = sock.recvfrom(65536)
+            if data[:1] != b"!":          # "!..." is one-way load (udp-tp): no reply
+                sock.sendto(data, peer)
+
+    if accept_only:
+        # Its own process: the acceptor must keep up with the connect loop, with no other
+        # thread taking the interpreter from it (a full accept queue drops SYNs: 1 s stalls).
+        acc = listener(base + PORT_ACCEPT)
+        print("ready", flush=True)
+        accept_close(acc)
+    echo, sink = listener(base + PORT_ECHO), listener(base + PORT_SINK)
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    udp.bind((bind, base + PORT_ECHO))
+    for target, args in ((threaded, (echo, echo_conn)), (threaded, (sink, sink_conn))):
+        threading.Thread(target=target, args=args, daemon=True).start()
+    print("ready", flush=True)
+    udp_echo(udp)
+
+
+def conn_loop(host: str, port: int, seconds: float, max_count: int = 10_000_000) -> dict:
+    """The connection-rate client: connect, close with RST (SO_LINGER 0: no TIME_WAIT, so ports
+    never run out and late slices measure what early ones did). Names bound once: what is left
+    is the interpreter's dispatch around three system calls."""
+    sock, sol, opt, linger, addr = socket.socket, socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0, (host, port)
+    clock = time.perf_counter
+    import resource
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    n, start = 0, clock()
+    end = start + seconds
+    while n < max_count:
+        s = sock()
+        s.setsockopt(sol, opt, linger)
+        s.connect(addr)
+        s.close()
+        n += 1
+        if not n & 15 and clock() >= end:
+            break
+    elapsed = clock() - start
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {"per_s": n / elapsed, "connections": n, "user_s": ru1.ru_utime - ru0.ru_utime,
+            "sys_s": ru1.ru_stime - ru0.ru_stime, "elapsed_s": elapsed}
+
+
+def client(mode: str, host: str, base: int, seconds: float) -> dict:
+    clock = time.perf_counter
+    end = clock() + seconds
+    if mode == "conn":
+        return conn_loop(host, base + PORT_ACCEPT, seconds)
+    if mode in LATENCY_MODES:
+        msg, lat, ns = b"x" * RR_SIZE, [], time.perf_counter_ns
+        if mode == "tcp-rr":
+            s = socket.create_connection((host, base + PORT_ECHO))
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(1.0)
+            s.connect((host, base + PORT_ECHO))
+        with s:
+            send, recv = s.send, s.recv
+            while clock() < end and len(lat) < 5_000_000:
+                t0 = ns()
+                send(msg)
+                got = len(recv(RR_SIZE))
+                while got < RR_SIZE:
+                    got += len(recv(RR_SIZE - got))
+                lat.append((ns() - t0) / 1e3)
+        return {"latencies_us": lat}
+    if mode in ("tcp-tp", "tcp-bulk"):
+        chunk = b"\0" * (TCP_TP_SIZE if mode == "tcp-tp" else 131072)
+        with socket.create_connection((host, base + PORT_SINK)) as s:
+            start = clock()
+            while clock() < end:
+                s.sendall(chunk)
+            s.shutdown(socket.SHUT_WR)
+            acked = int(s.recv(64))
+            elapsed = clock() - start
+        return {"mb_per_s": acked / elapsed / 1e6}
+    if mode == "udp-tp":
+        chunk, sent = b"!" * UDP_TP_SIZE, 0
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, base + PORT_ECHO))
+            # Datagrams starting with "!" get no reply, as sockperf's server answers none in tp mode.
+            start = clock()
+            while clock() < end:
+                try:
+                    s.send(chunk)
+                    sent += 1
+                except (ConnectionRefusedError, BlockingIOError):
+                    pass
+            elapsed = clock() - start
+        return {"msg_per_s": sent / elapsed, "mb_per_s": sent * UDP_TP_SIZE / elapsed / 1e6}
+    raise ValueError(mode)
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="routetrace.loadgen")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("base", type=int)
+    s.add_argument("--accept-only", action="store_true")
+    s.add_argument("--bind", default="0.0.0.0")
+    c = sub.add_parser("client")
+    c.add_argument("mode", choices=tuple(MODES))
+    c.add_argument("host")
+    c.add_argument("base", type=int)
+    c.add_argument("seconds", type=float)
+    args = parser.parse_args(argv)
+    if args.cmd == "serve":
+        serve(args.base, args.accept_only, args.bind)
+    else:
+        print(json.dumps(client(args.mode, args.host, args.base, args.seconds)))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(_main(sys.argv[1:]))
+    except (KeyboardInterrupt, BrokenPipeError):
+        sys.exit(130)
