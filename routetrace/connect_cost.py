@@ -20,7 +20,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from . import bench, kernel, loadgen
