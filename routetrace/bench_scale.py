@@ -1,4 +1,4 @@
-"""scripts/bench-scale: the storm cases of the accounting benchmark (see that script)."""
+"""The storm cases of the accounting benchmark, run by scripts/bench-scale (see that script)."""
 from __future__ import annotations
 
 import argparse
