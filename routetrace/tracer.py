@@ -286,7 +286,8 @@ class Tracer:
     def program_stats(self) -> list[ProgramStats]:
         out = []
         for a in self.plan.attachments:
-            fn = self._bpf.funcs.get(a.fn.encode()) if self._bpf else None
+            # Not "if self._bpf": bcc's BPF object is falsy until one of its maps is opened.
+            fn = self._bpf.funcs.get(a.fn.encode()) if self._bpf is not None else None
             if fn is None:
                 continue
             run_time, run_cnt, misses = program_info(fn.fd)
