@@ -74,6 +74,7 @@ class FlowTable:
         # sends again adds to its aggregate instead of coming back as a new row.
         self._recent_folds: OrderedDict[int, None] = OrderedDict()
         self._recent_limit = 4 * limit if limit else 0
+        self._changed_aggregates: set[AggregateKey] = set()   # since take_changed_aggregates()
 
     def update(self, flow: Flow) -> bool:
         """Store a snapshot; True when the flow is new. Counters never go backwards."""
@@ -154,10 +155,17 @@ class FlowTable:
             agg = self.aggregates.get(key)
             if agg is None:
                 agg = self.aggregates[key] = Aggregate(key, fib_dev=flow.fib_dev)
+            self._changed_aggregates.add(key)
             agg.flows += 1 if new_flow else 0
             agg.packets += dev["packets"]
             agg.segments += dev["segments"]
             agg.bytes += dev["bytes"]
+
+    def take_changed_aggregates(self) -> list[Aggregate]:
+        """Aggregates changed since the last call (the recorder writes them down)."""
+        changed = [self.aggregates[k] for k in self._changed_aggregates]
+        self._changed_aggregates.clear()
+        return changed
 
     def set_aggregate(self, agg: Aggregate) -> None:
         self.aggregates[agg.key] = agg

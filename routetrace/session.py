@@ -67,8 +67,7 @@ class Session:
         self._tracer: Tracer | None = None
         self._last_record = 0.0
         self._last_drain = 0.0
-        self._dirty: dict = {}
-        self._dirty_aggregates: set = set()
+        self._dirty: dict = {}                # flows changed since last recorded (only when recording)
         self._losses = LossCounters()
         self.received = 0                 # packets drained from the kernel: table.packets must equal it
         self.serve_metrics = False
@@ -91,9 +90,9 @@ class Session:
             return
         self.recorder.flows(list(self._dirty.values()))
         self._dirty.clear()
-        if self._dirty_aggregates:
-            self.recorder.aggregates([self.table.aggregates[k] for k in self._dirty_aggregates])
-            self._dirty_aggregates.clear()
+        changed = self.table.take_changed_aggregates()
+        if changed:
+            self.recorder.aggregates(changed)
         self.recorder.flush()
         self._last_record = time.monotonic()
 
@@ -126,14 +125,14 @@ class Session:
 
     def _take_notices(self, timeout_ms: int) -> list[Flow]:
         new = [f for f in self._tracer.poll(timeout_ms) if self.table.notice(f)]
-        for flow in new:
-            self._dirty[flow.key] = flow
+        if self.recorder:
+            for flow in new:
+                self._dirty[flow.key] = flow
         return new
 
     def _take_counts(self, final: bool = False) -> list[Flow]:
         now = time.monotonic_ns()
         new = []
-        before = len(self.table.aggregates), self.table.folded
         for raw_key, raw_value in self._tracer.drain(final=final):
             key, ifindex = entry_key(raw_key)
             counts = entry_counts(raw_value)
@@ -147,18 +146,10 @@ class Session:
             if flow is not None:
                 new.append(flow)
             current = self.table.get(part.key)
-            if current is not None:
+            if current is not None and self.recorder:
                 self._dirty[part.key] = current
-            elif self.recorder:
-                self._dirty_aggregates.update(self._aggregate_keys(part))
-        if self.recorder and (len(self.table.aggregates), self.table.folded) != before:
-            self._dirty_aggregates.update(self.table.aggregates)
         self._last_drain = time.monotonic()
         return new
-
-    def _aggregate_keys(self, part: Flow):
-        return [k for k in self.table.aggregates if k.netns == part.netns and k.daddr == part.daddr
-                and k.proto == part.proto]
 
     def pump(self, timeout_ms: int) -> list[Flow]:
         """Wait up to timeout_ms for new flows; returns those to stream. Drains the kernel's
