@@ -361,9 +361,10 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_helper(main, argv: list[str]) -> None:
+    """The entry point of a helper process (this module's, loadgen's): exit codes, no tracebacks."""
     try:
-        sys.exit(_main(sys.argv[1:]))
+        sys.exit(main(argv))
     except (KeyboardInterrupt, BrokenPipeError):
         # The parent (prove, bench, a test) was interrupted and took the pipe with it: a helper
         # has nothing to add to the user's terminal.
@@ -373,3 +374,7 @@ if __name__ == "__main__":
         # one line, which the parent reports if it is still there to care.
         print(f"routetrace helper: {exc.strerror or exc}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_helper(_main, sys.argv[1:])

@@ -493,7 +493,5 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(_main(sys.argv[1:]))
-    except (KeyboardInterrupt, BrokenPipeError):
-        sys.exit(130)
+    from routetrace.experiment import run_helper
+    run_helper(_main, sys.argv[1:])
