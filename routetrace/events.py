@@ -168,37 +168,44 @@ def entry_counts(value: bytes) -> tuple[int, int, int, int]:
     return _COUNTS.unpack_from(value)
 
 
+def device_of(flow: Flow, ifindex: int) -> dict | None:
+    """The flow's entry for the transmit device with this ifindex (identity, never the name)."""
+    for dev in flow.devices:
+        if dev["ifindex"] == ifindex:
+            return dev
+    return None
+
+
+def add_device_counts(flow: Flow, dev: dict, packets: int, nbytes: int, segments: int, fragments: int,
+                      now_ns: int | None = None) -> None:
+    """Counts drained for one of the flow's devices, added to that device and to the flow."""
+    dev["packets"] += packets
+    dev["bytes"] += nbytes
+    dev["segments"] += segments
+    flow.packets += packets
+    flow.bytes += nbytes
+    flow.segments += segments
+    flow.fragments += fragments
+    flow.xmit_devs[dev["name"]] = flow.xmit_devs.get(dev["name"], 0) + packets
+    if packets and now_ns is not None:
+        flow.last_ns = max(flow.last_ns, now_ns)
+
+
 def merge_into(flow: Flow, part: Flow, now_ns: int | None = None) -> None:
     """Add a drained entry's counts to the flow it belongs to. Devices are told apart by
     ifindex, never by name: a renamed device stays one, two that held one name stay two."""
-    flow.packets += part.packets
-    flow.bytes += part.bytes
-    flow.segments += part.segments
+    for d in part.devices:                 # one: a kernel entry is a (flow, device)
+        mine = device_of(flow, d["ifindex"])
+        if mine is None:
+            mine = {**d, "packets": 0, "segments": 0, "bytes": 0}
+            flow.devices.append(mine)
+        add_device_counts(flow, mine, d["packets"], d["bytes"], d["segments"], 0, now_ns)
     flow.fragments += part.fragments
-    for d in part.devices:
-        for mine in flow.devices:
-            if mine["ifindex"] == d["ifindex"]:
-                for k in ("packets", "segments", "bytes"):
-                    mine[k] += d[k]
-                break
-        else:
-            flow.devices.append(dict(d))
-    flow.xmit_devs = device_packets(flow.devices)
     if flow.route_type is None and part.route_type is not None:
         for name in ("route_type", "route_dev", "route_src", "route_ifindex", "route_loopback"):
             setattr(flow, name, getattr(part, name))
     if flow.fib_dev is None and part.fib_dev is not None:
         flow.fib_dev, flow.fib_table, flow.fib_ifindex = part.fib_dev, part.fib_table, part.fib_ifindex
-    if part.packets and now_ns is not None:
-        flow.last_ns = max(flow.last_ns, now_ns)
-
-
-def device_packets(devices: list[dict]) -> dict[str, int]:
-    """{name: packets}; two devices that held one name are summed here (see `devices`)."""
-    out: dict[str, int] = {}
-    for d in devices:
-        out[d["name"]] = out.get(d["name"], 0) + d["packets"]
-    return out
 
 
 def devices_of(flow: Flow) -> list[dict]:

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, NamedTuple
 
-from .events import Flow, FlowKey, devices_of, merge_into
+from .events import Flow, FlowKey, add_device_counts, device_of, devices_of, merge_into
 
 LOOPBACK, OWN, OTHER = "loopback", "own-address", "other"
 
@@ -98,24 +98,11 @@ class FlowTable:
         """The fast path of a drain: counts for a device the flow already has. False when the
         flow or the device is new to the table (then `add` with the decoded entry)."""
         flow = self._flows.get(key)
-        if flow is None:
+        dev = device_of(flow, ifindex) if flow is not None else None
+        if dev is None:
             return False
-        for dev in flow.devices:
-            if dev["ifindex"] == ifindex:
-                break
-        else:
-            return False
-        packets, nbytes, segments, fragments = counts
-        dev["packets"] += packets
-        dev["bytes"] += nbytes
-        dev["segments"] += segments
-        flow.packets += packets
-        flow.bytes += nbytes
-        flow.segments += segments
-        flow.fragments += fragments
-        if packets:
-            flow.xmit_devs[dev["name"]] = flow.xmit_devs.get(dev["name"], 0) + packets
-            flow.last_ns = max(flow.last_ns, now_ns)
+        add_device_counts(flow, dev, *counts, now_ns)
+        if counts[0]:
             self._flows.move_to_end(key)
         return True
 

@@ -69,7 +69,6 @@ class Session:
         self._last_drain = 0.0
         self._dirty: dict = {}                # flows changed since last recorded (only when recording)
         self._losses = LossCounters()
-        self.received = 0                 # packets drained from the kernel: table.packets must equal it
         self.serve_metrics = False
         self._metrics: list = []
         self.on_loss: Callable[[LossCounters], None] | None = None
@@ -136,7 +135,6 @@ class Session:
         for raw_key, raw_value in self._tracer.drain(final=final):
             key, ifindex = entry_key(raw_key)
             counts = entry_counts(raw_value)
-            self.received += counts[0]
             if self.table.add_counts(key, ifindex, counts, now):
                 if self.recorder:
                     self._dirty[key] = self.table.get(key)
@@ -145,8 +143,7 @@ class Session:
             flow = self.table.add(part, continued, now)
             if flow is not None:
                 new.append(flow)
-            current = self.table.get(part.key)
-            if current is not None and self.recorder:
+            if self.recorder and (current := self.table.get(part.key)) is not None:
                 self._dirty[part.key] = current
         self._last_drain = time.monotonic()
         return new

@@ -336,6 +336,3 @@ def missed_by_role(text: str, pid: int, xmit_functions: set[str]) -> dict[str, i
             out["xmit" if function in xmit_functions else "route"] += int(parts[-1])
     return out
 
-
-def missed_from_profile(text: str, pid: int) -> int:
-    return sum(missed_by_role(text, pid, set()).values())
