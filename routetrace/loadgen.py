@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EnvironmentProblem
+from .experiment import stop_process
 
 # mode -> (what it measures, the tools that can drive it, best first)
 MODES = {
@@ -198,12 +199,6 @@ def _python_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "routetrace.loadgen", *args]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-
-
 class Servers:
     """Every server the chosen tools need, in namespace `ns`, stopped on exit."""
 
@@ -243,7 +238,7 @@ class Servers:
 
     def __exit__(self, *exc) -> None:
         for proc in self.procs:
-            _stop(proc)
+            stop_process(proc)
         self.procs.clear()
         self._tmp.cleanup()
 
