@@ -1,5 +1,11 @@
-"""`routetrace bench`: is 127.0.0.1 faster than an own address? Measured with the field's own
-load generators (loadgen.py), interleaved, with intervals; and what tracing costs.
+"""`routetrace bench`: is 127.0.0.1 faster than an own address, and ::1 than an own IPv6
+address? Measured with the field's own load generators (loadgen.py), interleaved, with
+intervals; and what tracing costs.
+
+A comparison is one family's pair of targets: its loopback address against an own address
+(IPv4: 127.0.0.1 against 198.51.100.1 in the sandbox; IPv6: ::1 against 2001:db8::1). Both
+families by default, -4 / -6 restrict (bcc's convention). Every target is one more slot in
+the same interleaved rounds, so the statistics are those of a single pair, per pair.
 
 Each round measures every (condition, target, mode) slot once in a shuffled order, so drift
 (CPU frequency, other load) hits both targets alike; a comparison is the per-round ratio,
@@ -14,6 +20,7 @@ attached at a time; the others stay loaded and detached.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import math
 import os
@@ -27,7 +34,8 @@ from dataclasses import dataclass, field
 from tabulate import tabulate
 
 from . import loadgen, netns
-from .experiment import enter_sandbox, host_addresses
+from .errors import UsageError
+from .experiment import enter_sandbox
 from .probes import Filters
 
 # Two-sided 95% Student t critical values by degrees of freedom.
@@ -81,6 +89,97 @@ def geo_interval(values: list[float]) -> Ratio:
     return paired_ratio([1.0] * len(values), values)
 
 
+# ---- what is compared ------------------------------------------------------------------------
+
+FAMILIES = (4, 6)
+FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}
+LOOPBACK = {4: "127.0.0.1", 6: "::1"}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One family's question: is its loopback address faster than the own address `own`?"""
+    family: int
+    own: str
+
+    @property
+    def loopback(self) -> str:
+        return LOOPBACK[self.family]
+
+    @property
+    def name(self) -> str:
+        return FAMILY_NAMES[self.family]
+
+    @property
+    def targets(self) -> list[str]:
+        return [self.loopback, self.own]
+
+    def to_dict(self) -> dict:
+        return {"family": self.name, "loopback": self.loopback, "own": self.own}
+
+
+def _checked_own(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    """Whether an address given with --to can stand for "an own address" in a comparison."""
+    if addr.is_loopback:
+        raise UsageError(f"--to {addr} is a loopback address: give an own address to compare with "
+                         f"{LOOPBACK[addr.version]}")
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        raise UsageError(f"--to {addr} is an IPv4-mapped address: give the IPv4 address {addr.ipv4_mapped}")
+    if addr.version == 6 and addr.is_link_local:
+        raise UsageError(f"--to {addr} is link-local: a connection to it needs a scope (%dev), "
+                         f"give a global IPv6 address")
+    if addr.is_multicast or addr.is_unspecified:
+        raise UsageError(f"--to {addr} is not a unicast address")
+
+
+def host_ipv6(inode: int | None = None) -> list[str]:
+    """This namespace's own IPv6 addresses a client can reach without a scope, in order: every
+    configured one except ::1 and the link-local ones (unique-local addresses count: they are
+    scope global to the kernel, as 10/8 is an own IPv4 address)."""
+    out = []
+    for text in netns.addresses(netns.current_inode() if inode is None else inode):
+        addr = ipaddress.ip_address(text)
+        if addr.version == 6 and not (addr.is_loopback or addr.is_link_local or addr.is_multicast):
+            out.append(addr)
+    return [str(a) for a in sorted(out)]
+
+
+def _none_of(family: int) -> str:
+    return ("this host has no IPv4 address besides loopback" if family == 4 else
+            "this host has no global IPv6 address (only ::1 and link-local ones)")
+
+
+def choose_comparisons(family: int | None, given: list[str], own4: list[str],
+                       own6: list[str]) -> tuple[list[Comparison], list[str]]:
+    """The comparisons to measure, IPv4 first, and notes on a family left out.
+    family: 4 or 6 (-4/-6), None for both; given: --to addresses (at most one per family);
+    own4/own6: the own addresses found, used when nothing is given."""
+    picked: dict[int, str] = {}
+    for value in given:
+        addr = ipaddress.ip_address(value)
+        if family is not None and addr.version != family:
+            raise UsageError(f"--to {addr} is an {FAMILY_NAMES[addr.version]} address, but "
+                             f"-{family} measures {FAMILY_NAMES[family]} only")
+        _checked_own(addr)
+        if addr.version in picked:
+            raise UsageError(f"--to takes one address per family: {picked[addr.version]} and {addr} are both "
+                             f"{FAMILY_NAMES[addr.version]}")
+        picked[addr.version] = str(addr)
+    notes = []
+    if not picked:
+        found = {4: own4, 6: own6}
+        for fam in ([family] if family else FAMILIES):
+            if found[fam]:
+                picked[fam] = found[fam][0]
+            elif family:
+                raise UsageError(f"{_none_of(fam)}: give one with --to, or use --sandbox")
+            else:
+                notes.append(f"{_none_of(fam)}: {FAMILY_NAMES[fam]} is not measured (give one with --to)")
+        if not picked:
+            raise UsageError("this host has no own address besides loopback: give one with --to, or use --sandbox")
+    return [Comparison(f, picked[f]) for f in FAMILIES if f in picked], notes
+
+
 # ---- what is measured -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -124,14 +223,15 @@ def metrics_for(modes) -> list[Metric]:
 @dataclass
 class Samples:
     """values[(condition, target, mode, key)] = one value per round, in round order;
-    latencies[(condition, target, mode)] = kept round trips, pooled over rounds."""
+    latencies[(condition, target, mode)] = kept round trips, pooled over rounds;
+    tools[(target, mode)] = the tool that measured it (the families may differ)."""
     values: dict[tuple[str, str, str, str], list[float]] = field(default_factory=dict)
     latencies: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
-    tools: dict[str, str] = field(default_factory=dict)
+    tools: dict[tuple[str, str], str] = field(default_factory=dict)
     extras: dict[tuple[str, str, str], list[dict]] = field(default_factory=dict)
 
     def add(self, condition: str, target: str, result: loadgen.Result) -> None:
-        self.tools[result.mode] = result.tool
+        self.tools[(target, result.mode)] = result.tool
         for key, value in result.values.items():
             self.values.setdefault((condition, target, result.mode, key), []).append(float(value))
         if result.latencies_us:
@@ -232,7 +332,8 @@ def _pick(values: list[float], rounds: list[int] | None) -> list[float]:
     return values if rounds is None else [values[i] for i in rounds if i < len(values)]
 
 
-def comparison_rows(samples: Samples, loopback: str, own: str, modes) -> list[dict]:
+def comparison_rows(samples: Samples, comparison: Comparison, modes) -> list[dict]:
+    loopback, own = comparison.loopback, comparison.own
     rows = []
     for metric in metrics_for(modes):
         a, b = samples.get("untraced", loopback, metric), samples.get("untraced", own, metric)
@@ -244,8 +345,9 @@ def comparison_rows(samples: Samples, loopback: str, own: str, modes) -> list[di
             note = f"measurable: {faster} is faster by {abs(ratio.mean - 1) * 100:.1f}%"
         else:
             note = "no measurable difference"
-        rows.append({"mode": metric.mode, "metric": metric.label, "unit": metric.unit,
-                     "tool": samples.tools.get(metric.mode, "?"), "loopback": _median(a), "own": _median(b),
+        rows.append({"family": comparison.name, "targets": comparison.targets,
+                     "mode": metric.mode, "metric": metric.label, "unit": metric.unit,
+                     "tool": samples.tools.get((own, metric.mode), "?"), "loopback": _median(a), "own": _median(b),
                      "ratio": ratio.to_dict(), "measurable": ratio.measurable, "note": note,
                      "rounds_loopback": a, "rounds_own": b})
     return rows
@@ -279,7 +381,7 @@ def cost_rows(samples: Samples, targets, modes, conditions, rounds: list[int] | 
         for metric in metrics_for(modes):
             base = _pick(samples.get("untraced", target, metric), rounds)
             row = {"target": target, "mode": metric.mode, "metric": metric.label, "unit": metric.unit,
-                   "tool": samples.tools.get(metric.mode, "?"), "untraced": _median(base)}
+                   "tool": samples.tools.get((target, metric.mode), "?"), "untraced": _median(base)}
             for cond in conditions[1:]:
                 vals = _pick(samples.get(cond, target, metric), rounds)
                 cost = cost_of(base, vals, metric)
@@ -482,12 +584,15 @@ def _steal_jiffies() -> int | None:
 
 
 def render(report: dict) -> str:
-    loopback, own = report["targets"]
     out = [f"load: {', '.join(f'{m} {t}' for m, t in report['tools'].items())}; {report['pinning']}"]
-    rows = [(f"{r['mode']} {r['metric']} ({r['unit']})", r["tool"], _fmt(r["loopback"]), _fmt(r["own"]),
-             _ratio_text(r["ratio"]), r["note"]) for r in report["comparison"]]
-    out.append(tabulate(rows, headers=("METRIC (median of rounds)", "TOOL", loopback, own,
-                                       f"{own} / {loopback} [95% CI]", "")))
+    for i, comp in enumerate(report["comparisons"]):
+        loopback, own = comp["loopback"], comp["own"]
+        rows = [(r["family"], f"{r['mode']} {r['metric']} ({r['unit']})", r["tool"], _fmt(r["loopback"]),
+                 _fmt(r["own"]), _ratio_text(r["ratio"]), r["note"])
+                for r in report["comparison"] if r["family"] == comp["family"]]
+        # One table per family: its columns are named by that family's two addresses.
+        out.append(("\n" if i else "") + tabulate(rows, headers=(
+            "FAMILY", "METRIC (median of rounds)", "TOOL", loopback, own, f"{own} / {loopback} [95% CI]", "")))
     if report.get("regime_note"):
         out.append("\nnote: " + report["regime_note"])
     if report.get("cost"):
@@ -524,14 +629,56 @@ def render(report: dict) -> str:
 
 # ---- the experiment -----------------------------------------------------------------------------
 
-def experiment(prepare, *, sandbox: bool, own: str | None, port: int, rounds: int, seconds: float,
-               modes=MODES, load: str = "auto", pin: str = "same", floor: bool = True,
-               as_json: bool = False, plot: str | None = None, out=None, err=None) -> dict:
+def tools_per_family(families, modes, load: str) -> dict[int, dict[str, str]]:
+    """family -> mode -> the tool that drives it (auto: the best installed one that can address
+    that family; python: the Python clients everywhere)."""
+    if load != "auto":
+        return {f: {m: "python" for m in modes} for f in families}
+    return {f: loadgen.tools_available(modes, f) for f in families}
+
+
+def tool_notes(tools: dict[int, dict[str, str]], load: str = "auto") -> list[str]:
+    """Where a family had to fall back from an installed tool that cannot address it (with
+    --load python nothing fell back: Python was asked for)."""
+    notes = []
+    if load != "auto":
+        return notes
+    for family, chosen in tools.items():
+        fell_back: dict[str, list[str]] = {}
+        for mode, tool in chosen.items():
+            for better in loadgen.MODES[mode][1]:
+                if better == tool:
+                    break
+                if loadgen.tool_path(better) and not loadgen.tool_supports(better, family):
+                    fell_back.setdefault(better, []).append(mode)
+                    break
+        for better, modes in fell_back.items():
+            notes.append(f"{loadgen.tool_version(better)} cannot address {FAMILY_NAMES[family]} (its -i takes IPv4 "
+                         f"only; sockperf 3.8 added IPv6): the {FAMILY_NAMES[family]} rows of {', '.join(modes)} come "
+                         f"from the Python clients. Compare those rows within their family, not across families.")
+    return notes
+
+
+def _describe_tools(tools: dict[int, dict[str, str]], modes) -> dict[str, str]:
+    """mode -> the tool behind it, naming the family where the families' tools differ."""
+    out = {}
+    for mode in modes:
+        names = {f: loadgen.tool_version(t[mode]) for f, t in tools.items()}
+        if len(set(names.values())) == 1:
+            out[mode] = next(iter(names.values()))
+        else:
+            out[mode] = " / ".join(f"{name} ({FAMILY_NAMES[f]})" for f, name in names.items())
+    return out
+
+
+def experiment(prepare, *, sandbox: bool, own: list[str] | None = None, family: int | None = None, port: int,
+               rounds: int, seconds: float, modes=MODES, load: str = "auto", pin: str = "same",
+               floor: bool = True, as_json: bool = False, plot: str | None = None, out=None, err=None) -> dict:
     """Set the stage (sandbox or this host, the load's servers), optionally the probes
-    (prepare(filters) -> (plan, headers); None: untraced only), then measure and print."""
+    (prepare(filters) -> (plan, headers); None: untraced only), then measure and print.
+    own: --to addresses (at most one per family); family: 4 or 6 (-4/-6), None for both."""
     out, err = out or sys.stdout, err or sys.stderr
     modes = tuple(m for m in MODES if m in modes)
-    tools = loadgen.tools_available(modes) if load == "auto" else {m: "python" for m in modes}
     cpus = os.cpu_count() or 1
     pinning = pinning_for(pin, cpus)
     facts = machine_facts()
@@ -539,11 +686,16 @@ def experiment(prepare, *, sandbox: bool, own: str | None, port: int, rounds: in
     with contextlib.ExitStack() as stack:
         if sandbox:
             sb = enter_sandbox(stack)
-            ns, own = sb.host, sb.own_addr
+            ns = sb.host
+            comparisons, notes = choose_comparisons(family, [], [sb.own_addr], [sb.own_addr6])
         else:
-            ns, own = None, host_addresses([own] if own else [])[0]
-        # On a real host only the two targets are served; in the sandbox, its private namespace.
-        stack.enter_context(loadgen.Servers(ns, port, tools, pinning, None if sandbox else ["127.0.0.1", own]))
+            ns = None
+            comparisons, notes = choose_comparisons(family, list(own or []), netns.own_ipv4(), host_ipv6())
+        tools = tools_per_family([c.family for c in comparisons], modes, load)
+        notes = tool_notes(tools, load) + notes
+        targets = [t for c in comparisons for t in c.targets]
+        # On a real host only the targets are served; in the sandbox, its private namespace.
+        stack.enter_context(loadgen.Servers(ns, port, tools, pinning, None if sandbox else targets))
         obs = Observer()
         conditions = ("untraced",)
         if prepare is not None:
@@ -565,18 +717,21 @@ def experiment(prepare, *, sandbox: bool, own: str | None, port: int, rounds: in
                     tracer.set_attached(False)
                     obs.programs[cond] = tracer
                 conditions = CONDITIONS
+        family_by_target = {t: c.family for c in comparisons for t in c.targets}
 
         def measure(cond, mode, target, secs):
             with obs.slice(cond, target, mode):
-                return loadgen.measure(mode, tools[mode], ns, target, port, secs, pinning)
+                return loadgen.measure(mode, tools[family_by_target[target]][mode], ns, target, port, secs, pinning)
 
-        per_slot = sum(2.2 + loadgen.sockperf_seconds(seconds) if tools[m] == "sockperf" else
-                       max(1, math.ceil(seconds)) + 0.1 if tools[m] == "iperf3" else seconds + 0.1
-                       for m in modes)
-        total = rounds * len(conditions) * 2 * per_slot
-        print(f"Measuring 127.0.0.1 against {own}: {rounds} rounds x {len(conditions)} condition(s), "
-              f"about {total:.0f}s...", file=err, flush=True)
-        samples = run(measure, ["127.0.0.1", own], modes=modes, rounds=rounds, seconds=seconds,
+        def slot_seconds(tool):
+            return (2.2 + loadgen.sockperf_seconds(seconds) if tool == "sockperf" else
+                    max(1, math.ceil(seconds)) + 0.1 if tool == "iperf3" else seconds + 0.1)
+
+        total = rounds * len(conditions) * sum(2 * slot_seconds(tools[c.family][m]) for c in comparisons for m in modes)
+        pairs = " and ".join(f"{c.loopback} against {c.own}" for c in comparisons)
+        print(f"Measuring {pairs}: {rounds} rounds x {len(conditions)} condition(s), about {total:.0f}s...",
+              file=err, flush=True)
+        samples = run(measure, targets, modes=modes, rounds=rounds, seconds=seconds,
                       conditions=conditions, set_condition=obs.set_condition, progress=err)
         obs.set_condition("untraced")
         result = None
@@ -587,7 +742,7 @@ def experiment(prepare, *, sandbox: bool, own: str | None, port: int, rounds: in
     if steal0 is not None and steal1 is not None:
         ticks = os.sysconf("SC_CLK_TCK")
         facts["steal_pct"] = 100 * (steal1 - steal0) / ticks / ((time.monotonic() - t_start) * cpus)
-    report = build_report(samples, "127.0.0.1", own, modes, conditions, tools, pinning, facts, obs, result)
+    report = build_report(samples, comparisons, modes, conditions, tools, pinning, facts, obs, result, notes)
     if plot:
         from . import plot as plotting
         plotting.save(plotting.figure(report, samples), plot)
@@ -599,17 +754,24 @@ def experiment(prepare, *, sandbox: bool, own: str | None, port: int, rounds: in
     return report
 
 
-def build_report(samples, loopback, own, modes, conditions, tools, pinning, facts, obs=None, result=None) -> dict:
-    report = {"targets": [loopback, own], "modes": list(modes), "conditions": list(conditions),
-              "tools": {m: loadgen.tool_version(t) for m, t in tools.items()},
-              "pinning": pinning.describe(), "machine": facts, "notes": []}
-    samples.tools.update(tools)          # the TOOL column names the tool chosen for each mode
-    report["comparison"] = comparison_rows(samples, loopback, own, modes)
-    kept, note = stable_rounds(samples, [loopback, own])
+def build_report(samples, comparisons: list[Comparison], modes, conditions, tools: dict[int, dict[str, str]],
+                 pinning, facts, obs=None, result=None, notes=()) -> dict:
+    """Every table of the run. tools: family -> mode -> tool."""
+    targets = [t for c in comparisons for t in c.targets]
+    report = {"targets": targets, "comparisons": [c.to_dict() for c in comparisons], "modes": list(modes),
+              "conditions": list(conditions), "tools": _describe_tools(tools, modes),
+              "tools_by_family": {FAMILY_NAMES[f]: {m: loadgen.tool_version(t) for m, t in chosen.items()}
+                                  for f, chosen in tools.items()},
+              "pinning": pinning.describe(), "machine": facts, "notes": list(notes)}
+    for c in comparisons:            # the TOOL column names the tool chosen for each target and mode
+        for target in c.targets:
+            samples.tools.update({(target, m): tool for m, tool in tools[c.family].items()})
+    report["comparison"] = [row for c in comparisons for row in comparison_rows(samples, c, modes)]
+    kept, note = stable_rounds(samples, targets)
     report["regime_note"] = note
     report["cost_rounds"] = None if kept is None else [i + 1 for i in kept]
     if len(conditions) > 1:
-        report["cost"] = cost_rows(samples, [loopback, own], modes, conditions, kept if note else None)
+        report["cost"] = cost_rows(samples, targets, modes, conditions, kept if note else None)
     if obs is not None and obs.per_slot:
         report["bpf"] = bpf_rows(obs, samples)
     if obs is not None and obs.session is not None:
@@ -618,7 +780,9 @@ def build_report(samples, loopback, own, modes, conditions, tools, pinning, fact
                               "pump_cpu_pct": 100 * obs.pumper.cpu_s / c["traced_wall_s"] if c["traced_wall_s"] else 0.0,
                               "flows": len(result.flows) if result else 0,
                               "losses": (result.losses.to_dict() if result else {})}
-    if "conn" in modes and tools.get("conn") == "python":
+    first = comparisons[0]
+    loopback = first.loopback
+    if "conn" in modes and tools[first.family].get("conn") == "python":
         user = samples.values.get(("untraced", loopback, "conn", "user_s"), [])
         sys_ = samples.values.get(("untraced", loopback, "conn", "sys_s"), [])
         n = samples.values.get(("untraced", loopback, "conn", "connections"), [])
@@ -631,7 +795,7 @@ def build_report(samples, loopback, own, modes, conditions, tools, pinning, fact
             report["notes"].append(
                 f"connection client (Python loop, SO_LINGER 0): {cc['user_us_per_conn']:.1f} us of user CPU "
                 f"(the interpreter) and {cc['sys_us_per_conn']:.1f} us of system CPU per connection, "
-                f"{cc['wall_us_per_conn']:.1f} us per connection in all (to 127.0.0.1)")
+                f"{cc['wall_us_per_conn']:.1f} us per connection in all (to {loopback})")
     report["samples"] = {"|".join(k): v for k, v in samples.values.items()}
     # every CDF the plot draws, thinned to 1000 points: enough to draw it again from the JSON
     report["cdf_us"] = {"|".join(k): thin(sorted(v), 1000) for k, v in samples.latencies.items()}

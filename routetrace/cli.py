@@ -215,9 +215,13 @@ def prove(port, sandbox, to, control, proto, closed, as_json, record, force, bac
 
 
 @cli.command()
-@click.option("--sandbox", is_flag=True, help="Measure inside a throwaway namespace (eth0 = 198.51.100.1).")
+@click.option("--sandbox", is_flag=True,
+              help="Measure inside a throwaway namespace (eth0 = 198.51.100.1 and 2001:db8::1).")
 @click.option("--to", "to", multiple=True, callback=_addresses, metavar="ADDR",
-              help="Own address to compare with 127.0.0.1; default: the first IPv4 address on this host.")
+              help="Own address to compare with 127.0.0.1 (IPv4) or ::1 (IPv6), one per family; default: the "
+                   "first IPv4 and the first global IPv6 address on this host.")
+@click.option("-4", "--ipv4", "ipv4", is_flag=True, help="Only the IPv4 comparison (127.0.0.1).")
+@click.option("-6", "--ipv6", "ipv6", is_flag=True, help="Only the IPv6 comparison (::1).")
 @click.option("--duration", "-d", type=float, default=1.0, show_default=True, callback=_duration,
               metavar="SECONDS", help="Seconds per measurement slice (sockperf and iperf3 round up to whole seconds).")
 @click.option("--rounds", "-r", type=click.IntRange(2, 100), default=5, show_default=True, metavar="N",
@@ -237,14 +241,19 @@ def prove(port, sandbox, to, control, proto, closed, as_json, record, force, bac
 @click.option("--json", "as_json", is_flag=True, help="Every table as one JSON object.")
 @click.option("--plot", metavar="FILE", help="Also draw latency CDFs and per-round rates to FILE (.png or .svg).")
 @backend_option("Which probes --trace attaches.")
-def bench(sandbox, to, duration, rounds, port, modes, load, pin, with_trace, no_floor, as_json, plot, backend):
-    """Is 127.0.0.1 faster than an own address? Latency, throughput and connection rate, with intervals."""
+def bench(sandbox, to, ipv4, ipv6, duration, rounds, port, modes, load, pin, with_trace, no_floor, as_json, plot,
+          backend):
+    """Is 127.0.0.1 (::1) faster than an own IPv4 (IPv6) address? Latency, throughput and connection
+    rate, with intervals; both families unless -4 or -6."""
     from . import bench as benchmark
     from . import loadgen
     if port > 65535 - (loadgen.PORTS_USED - 1):
         raise UsageError(f"--port needs PORT+{loadgen.PORTS_USED - 1} free as well: use at most {65535 - loadgen.PORTS_USED + 1}")
+    family = _family(ipv4, ipv6)
     if sandbox and to:
         raise UsageError("--sandbox chooses its own addresses: drop --to")
+    if to:
+        benchmark.choose_comparisons(family, list(to), [], [])     # a bad --to fails before anything starts
     if plot and not plot.lower().endswith((".png", ".svg")):
         raise UsageError("--plot FILE must end in .png or .svg")
     if plot:
@@ -255,7 +264,7 @@ def bench(sandbox, to, duration, rounds, port, modes, load, pin, with_trace, no_
     if sandbox or with_trace:
         _require_root("bench")          # namespaces and probes both need it
     prepare = (lambda filters: _prepare("bench", filters, backend)) if with_trace else None
-    benchmark.experiment(prepare, sandbox=sandbox, own=to[0] if to else None, port=port,
+    benchmark.experiment(prepare, sandbox=sandbox, own=list(to), family=family, port=port,
                          rounds=rounds, seconds=duration, modes=modes or benchmark.MODES, load=load,
                          pin=pin, floor=not no_floor, as_json=as_json, plot=plot)
 

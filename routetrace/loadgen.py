@@ -7,10 +7,15 @@ returns a Result naming it, so every number in bench's tables says which tool pr
 
 Ports, from the base port P: P sockperf server (TCP and UDP), P+1 iperf3 server,
 P+2 accept-and-close (connection rate), P+3 Python echo (TCP and UDP), P+4 Python sink.
+
+Both address families: a tool drives a family only where it can (sockperf gained IPv6 in 3.8;
+Debian's 3.7 rejects "-i ::1" as an invalid address), so an IPv6 comparison may use the Python
+clients where the IPv4 one uses sockperf, and each Result names its tool.
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import re
 import shutil
@@ -42,13 +47,40 @@ PORT_SOCKPERF, PORT_IPERF3, PORT_ACCEPT, PORT_ECHO, PORT_SINK = range(5)
 PORTS_USED = 5
 
 
+SOCKPERF_FIRST_IPV6 = (3, 8)         # sockperf's IPv6 support (Mellanox/sockperf#161) came in 3.8
+
+
+def family_of(address: str) -> int:
+    """4 or 6, for an address literal (the targets are always literals)."""
+    return ipaddress.ip_address(address).version
+
+
+def _socket_family(address: str) -> int:
+    return socket.AF_INET6 if family_of(address) == 6 else socket.AF_INET
+
+
 def tool_path(tool: str) -> str | None:
     return sys.executable if tool == "python" else shutil.which(tool)
 
 
-def tools_available(modes=MODES) -> dict[str, str]:
-    """mode -> the tool that will drive it here."""
-    return {m: next(t for t in MODES[m][1] if tool_path(t)) for m in modes}
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
+
+
+def tool_supports(tool: str, family: int) -> bool:
+    """Whether this machine's `tool` can address `family`: iperf3 and the Python clients can;
+    sockperf only from 3.8 on (before, it parses -i with inet_aton and rejects IPv6)."""
+    if family == 4 or tool != "sockperf":
+        return True
+    version = tool_version(tool)
+    return version.startswith("sockperf ") and _version_tuple(version) >= SOCKPERF_FIRST_IPV6
+
+
+def tools_available(modes=MODES, family: int = 4) -> dict[str, str]:
+    """mode -> the tool that will drive it here, for targets of `family`."""
+    tools = {t for m in modes for t in MODES[m][1]}
+    usable = {t for t in tools if tool_path(t) and tool_supports(t, family)}
+    return {m: next(t for t in MODES[m][1] if t in usable) for m in modes}
 
 
 def tool_version(tool: str) -> str:
@@ -202,35 +234,45 @@ def _python_argv(*args: str) -> list[str]:
 class Servers:
     """Every server the chosen tools need, in namespace `ns`, stopped on exit."""
 
-    def __init__(self, ns: str | None, base: int, tools: dict[str, str], pin: Pinning = Pinning(),
+    def __init__(self, ns: str | None, base: int, tools: dict[int, dict[str, str]], pin: Pinning = Pinning(),
                  addresses: list[str] | None = None):
-        """addresses: bind only these (on a real host: the targets under test, nothing else);
-        None: every address, inside a sandbox namespace no one else can reach."""
+        """tools: family (4, 6) -> mode -> tool, for each family under test.
+        addresses: bind only these (on a real host: the targets under test, nothing else);
+        None: each family's wildcard, inside a sandbox namespace no one else can reach."""
         self.ns, self.base, self.tools, self.pin = ns, base, tools, pin
-        self.addresses = list(addresses) if addresses else [None]
+        self.binds: list[tuple[int, str | None]] = (
+            [(family_of(a), a) for a in addresses] if addresses else [(f, None) for f in sorted(tools)])
         self.procs: list[subprocess.Popen] = []
         self._tmp = tempfile.TemporaryDirectory(prefix="routetrace-bench-")
 
     def __enter__(self) -> "Servers":
         try:
-            used = set(self.tools.values())
             p = self.base
-            for addr in self.addresses:
-                on = [] if addr is None else ["-i", addr]
+            listeners = {p + PORT_SOCKPERF: 0, p + PORT_IPERF3: 0}     # TCP listeners to wait for
+            wildcard_iperf3 = False
+            for family, addr in self.binds:
+                tools = self.tools[family]
+                used = set(tools.values())
                 if "sockperf" in used:
+                    # no -i: sockperf's default, 0.0.0.0; an IPv6 wildcard must be named
+                    on = ["-i", addr] if addr else (["-i", "::"] if family == 6 else [])
                     self._spawn(["sockperf", "sr", "--tcp", "-p", str(p + PORT_SOCKPERF), *on], f"sockperf TCP :{p}")
                     self._spawn(["sockperf", "sr", "-p", str(p + PORT_SOCKPERF), *on], f"sockperf UDP :{p}")
-                if "iperf3" in used:
+                    listeners[p + PORT_SOCKPERF] += 1
+                if "iperf3" in used and not wildcard_iperf3:
+                    # iperf3 without -B listens on [::] for both families: one serves every wildcard
+                    wildcard_iperf3 = addr is None
                     self._spawn(["iperf3", "-s", "-p", str(p + PORT_IPERF3), *([] if addr is None else ["-B", addr])],
                                 f"iperf3 :{p + PORT_IPERF3}")
-                bind = [] if addr is None else ["--bind", addr]
+                    listeners[p + PORT_IPERF3] += 1
+                bind = ["--bind", addr or ("::" if family == 6 else "0.0.0.0")]
                 # Python: accept-and-close for connection rate, echo and sink for the fallbacks.
                 self._spawn(_python_argv("serve", str(p), "--accept-only", *bind), "python acceptor", ready_line=True)
-                if "python" in set(self.tools[m] for m in self.tools if m != "conn"):
+                if "python" in set(tools[m] for m in tools if m != "conn"):
                     self._spawn(_python_argv("serve", str(p), *bind), "python echo and sink", ready_line=True)
-            for port, proto in ((p + PORT_SOCKPERF, "tcp"), (p + PORT_IPERF3, "tcp")):
-                if ("sockperf" in used and port == p + PORT_SOCKPERF) or ("iperf3" in used and port == p + PORT_IPERF3):
-                    self._wait_port(port)
+            for port, count in listeners.items():
+                if count:
+                    self._wait_port(port, count)
         except BaseException:
             self.__exit__()
             raise
@@ -252,13 +294,14 @@ class Servers:
         if proc.poll() is not None:
             raise EnvironmentProblem(f"{what} exited at once (port in use?)")
 
-    def _wait_port(self, port: int, timeout: float = 5.0) -> None:
-        """A TCP server is up when the namespace lists its socket (no connection, no traffic)."""
+    def _wait_port(self, port: int, count: int = 1, timeout: float = 5.0) -> None:
+        """TCP servers are up when the namespace lists their `count` sockets on `port` (no
+        connection, no traffic)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             out = subprocess.run([*_prefix(self.ns, None), "ss", "-Hltn", f"sport = :{port}"],
                                  capture_output=True, text=True, check=False)
-            if out.stdout.strip():
+            if len(out.stdout.strip().splitlines()) >= count:
                 return
             if any(p.poll() is not None for p in self.procs):
                 raise EnvironmentProblem(f"a benchmark server exited at once (port {port} in use?)")
@@ -336,14 +379,22 @@ _LINGER0 = struct.pack("ii", 1, 0)
 
 def serve(base: int, accept_only: bool = False, bind: str = "0.0.0.0") -> None:
     """accept_only: accept-and-close on P+2; else echo (TCP and UDP) on P+3, sink on P+4.
-    bind: the one address to listen on (0.0.0.0 only inside a sandbox namespace)."""
+    bind: the one address to listen on (a wildcard, 0.0.0.0 or ::, only inside a sandbox
+    namespace)."""
     import threading
-    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    family = _socket_family(bind)
+
+    def bound(kind, port):
+        s = socket.socket(family, kind)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # "::" must not take IPv4 too: 0.0.0.0 has its own server on the same port
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((bind, port))
+        return s
 
     def listener(port):
-        s = socket.socket(family)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((bind, port))
+        s = bound(socket.SOCK_STREAM, port)
         s.listen(4096)
         return s
 
@@ -384,8 +435,7 @@ def serve(base: int, accept_only: bool = False, bind: str = "0.0.0.0") -> None:
         print("ready", flush=True)
         accept_close(acc)
     echo, sink = listener(base + PORT_ECHO), listener(base + PORT_SINK)
-    udp = socket.socket(family, socket.SOCK_DGRAM)
-    udp.bind((bind, base + PORT_ECHO))
+    udp = bound(socket.SOCK_DGRAM, base + PORT_ECHO)
     for target, args in ((threaded, (echo, echo_conn)), (threaded, (sink, sink_conn))):
         threading.Thread(target=target, args=args, daemon=True).start()
     print("ready", flush=True)
@@ -396,6 +446,7 @@ def conn_loop(host: str, port: int, seconds: float, max_count: int = 10_000_000)
     """The connection-rate client: connect, close with RST (SO_LINGER 0: no TIME_WAIT, so ports
     never run out and late slices measure what early ones did). Names bound once: what is left
     is the interpreter's dispatch around three system calls."""
+    family, kind = _socket_family(host), socket.SOCK_STREAM
     sock, sol, opt, linger, addr = socket.socket, socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0, (host, port)
     clock = time.perf_counter
     import resource
@@ -403,7 +454,7 @@ def conn_loop(host: str, port: int, seconds: float, max_count: int = 10_000_000)
     n, start = 0, clock()
     end = start + seconds
     while n < max_count:
-        s = sock()
+        s = sock(family, kind)
         s.setsockopt(sol, opt, linger)
         s.connect(addr)
         s.close()
@@ -416,7 +467,20 @@ def conn_loop(host: str, port: int, seconds: float, max_count: int = 10_000_000)
             "sys_s": ru1.ru_stime - ru0.ru_stime, "elapsed_s": elapsed}
 
 
+def _connected(family: int, host: str, port: int) -> socket.socket:
+    """A TCP connection of the target's own family (no name lookup: the target is a literal)."""
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.connect((host, port))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
 def client(mode: str, host: str, base: int, seconds: float) -> dict:
+    """One slice of `mode` to `host` (an IPv4 or IPv6 literal: the socket's family follows it)."""
+    family = _socket_family(host)
     clock = time.perf_counter
     end = clock() + seconds
     if mode == "conn":
@@ -424,10 +488,10 @@ def client(mode: str, host: str, base: int, seconds: float) -> dict:
     if mode in LATENCY_MODES:
         msg, lat, ns = b"x" * RR_SIZE, [], time.perf_counter_ns
         if mode == "tcp-rr":
-            s = socket.create_connection((host, base + PORT_ECHO))
+            s = _connected(family, host, base + PORT_ECHO)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         else:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s = socket.socket(family, socket.SOCK_DGRAM)
             s.settimeout(1.0)
             s.connect((host, base + PORT_ECHO))
         with s:
@@ -442,7 +506,7 @@ def client(mode: str, host: str, base: int, seconds: float) -> dict:
         return {"latencies_us": lat}
     if mode in ("tcp-tp", "tcp-bulk"):
         chunk = b"\0" * (TCP_TP_SIZE if mode == "tcp-tp" else 131072)
-        with socket.create_connection((host, base + PORT_SINK)) as s:
+        with _connected(family, host, base + PORT_SINK) as s:
             start = clock()
             while clock() < end:
                 s.sendall(chunk)
@@ -452,7 +516,7 @@ def client(mode: str, host: str, base: int, seconds: float) -> dict:
         return {"mb_per_s": acked / elapsed / 1e6}
     if mode == "udp-tp":
         chunk, sent = b"!" * UDP_TP_SIZE, 0
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
             s.connect((host, base + PORT_ECHO))
             # Datagrams starting with "!" get no reply, as sockperf's server answers none in tp mode.
             start = clock()

@@ -201,8 +201,8 @@ def _report(conditions=("untraced", "traced")):
             for target, scale in (("127.0.0.1", 1.0), ("198.51.100.1", 1.0 + 0.001 * r)):
                 for mode in bench.MODES:
                     samples.add(cond, target, _fake_result(mode, scale * (1.05 if cond == "traced" else 1.0)))
-    tools = {m: "python" for m in bench.MODES}
-    report = bench.build_report(samples, "127.0.0.1", "198.51.100.1", bench.MODES, conditions, tools,
+    tools = {4: {m: "python" for m in bench.MODES}}
+    report = bench.build_report(samples, [bench.Comparison(4, "198.51.100.1")], bench.MODES, conditions, tools,
                                 loadgen.Pinning("0", "1"), bench.machine_facts())
     return report, samples
 
@@ -210,7 +210,7 @@ def _report(conditions=("untraced", "traced")):
 def test_report_rows_and_text_name_tool_cost_and_goal():
     report, _ = _report()
     assert {r["mode"] for r in report["comparison"]} == set(bench.MODES)
-    assert all(r["tool"] == "python" for r in report["comparison"])
+    assert all(r["tool"] == "python" and r["family"] == "IPv4" for r in report["comparison"])
     conn = next(r for r in report["cost"] if r["mode"] == "conn" and r["target"] == "127.0.0.1")
     assert conn["traced_cost"]["mean"] == pytest.approx(1.05)
     assert conn["goal"].startswith("goal <= 5%: ")
@@ -279,10 +279,17 @@ def test_bench_with_the_tools(bpf_ready, tmp_path):
     out = _bench("--mode", "tcp-rr", "--mode", "udp-tp", "--mode", "tcp-bulk", "--mode", "conn", "--json")
     _check_clean(out)
     report = json.loads(out.stdout)
-    assert report["tools"]["tcp-rr"].startswith("sockperf") and report["tools"]["udp-tp"].startswith("sockperf")
-    assert report["tools"]["tcp-bulk"].startswith("iperf3") and report["tools"]["conn"].startswith("python")
-    rows = {(r["mode"], r["metric"]): r for r in report["comparison"]}
-    assert ("tcp-rr", "TCP round trip p99.9") in rows and ("conn", "connection rate") in rows
+    # both families by default, in one run (the wildcard servers of both share the ports)
+    assert report["targets"] == ["127.0.0.1", "198.51.100.1", "::1", "2001:db8::1"]
+    v4 = report["tools_by_family"]["IPv4"]
+    assert v4["tcp-rr"].startswith("sockperf") and v4["udp-tp"].startswith("sockperf")
+    assert v4["tcp-bulk"].startswith("iperf3") and v4["conn"].startswith("python")
+    assert report["tools_by_family"]["IPv6"]["tcp-bulk"].startswith("iperf3")
+    rows = {(r["family"], r["mode"], r["metric"]): r for r in report["comparison"]}
+    for family in ("IPv4", "IPv6"):
+        assert (family, "tcp-rr", "TCP round trip p99.9") in rows and (family, "conn", "connection rate") in rows
+    assert rows[("IPv4", "tcp-rr", "TCP round trip p50")]["tool"] == "sockperf"
+    assert rows[("IPv6", "tcp-bulk", "TCP bulk throughput")]["tool"] == "iperf3"
     for row in rows.values():
         assert len(row["rounds_loopback"]) == len(row["rounds_own"]) == 2
         assert row["loopback"] > 0 and row["own"] > 0
@@ -324,7 +331,7 @@ def test_bench_trace_reports_cost_floor_bpf_statistics_and_own_cpu(bpf_ready):
         pytest.skip("needs iperf3") if not os.environ.get("CI") else pytest.fail("iperf3 missing in CI")
     sysctl = Path("/proc/sys/kernel/bpf_stats_enabled")
     before = sysctl.read_text()
-    out = _bench("--mode", "tcp-bulk", "--mode", "conn", "--trace", "--json", timeout=300)
+    out = _bench("-4", "--mode", "tcp-bulk", "--mode", "conn", "--trace", "--json", timeout=300)
     _check_clean(out)
     report = json.loads(out.stdout)
     assert report["conditions"] == list(bench.CONDITIONS)
