@@ -256,3 +256,57 @@ def test_bench_sandbox_ipv6(bpf_ready):
     assert "::1" in header and "2001:db8::1 / ::1 [95% CI]" in header
     body = [line for line in text.splitlines() if " (us)" in line or " (MB/s)" in line or " (conn/s)" in line]
     assert len(body) == len(bench.METRICS) and all(line.startswith("IPv6 ") for line in body)
+
+
+@pytest.mark.bpf
+def test_bench_on_a_host_finds_both_own_addresses(sandbox):
+    """The host path (no --sandbox), run inside the sandbox's namespace, whose eth0 holds
+    198.51.100.1 and 2001:db8::1: both are found and each family compared."""
+    out = _routetrace("bench", "-d", "0.2", "-r", "2", "--mode", "tcp-rr", "--mode", "tcp-bulk", "--mode", "conn",
+                      "--json", ns=sandbox.host)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["comparisons"] == [{"family": "IPv4", "loopback": "127.0.0.1", "own": "198.51.100.1"},
+                                     {"family": "IPv6", "loopback": "::1", "own": "2001:db8::1"}]
+    rows = {(r["family"], r["mode"], r["metric"]): r for r in report["comparison"]}
+    for family in ("IPv4", "IPv6"):
+        for mode, metric in (("tcp-rr", "TCP round trip p50"), ("tcp-bulk", "TCP bulk throughput"),
+                             ("conn", "connection rate")):
+            row = rows[(family, mode, metric)]
+            assert row["loopback"] > 0 and row["own"] > 0
+            assert row["tool"] == loadgen.tools_available(["tcp-rr", "tcp-bulk", "conn"], int(family[-1]))[mode]
+
+
+def _listening(ns: str) -> dict[int, set[str]]:
+    """port -> the local addresses TCP listeners hold in namespace ns."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hltn"], capture_output=True, text=True, check=True)
+    found: dict[int, set[str]] = {}
+    for line in out.stdout.splitlines():
+        local = line.split()[3]
+        addr, port = local.rsplit(":", 1)
+        found.setdefault(int(port), set()).add(addr.strip("[]").split("%")[0])
+    return found
+
+
+def test_servers_of_both_families_bind_only_the_targets_or_each_familys_wildcard(sandbox):
+    tools = {f: loadgen.tools_available(loadgen.MODES, f) for f in (4, 6)}
+    targets = ["127.0.0.1", "198.51.100.1", "::1", "2001:db8::1"]
+    base = 9100
+    with loadgen.Servers(sandbox.host, base, tools, loadgen.Pinning(), targets):
+        held = _listening(sandbox.host)
+    assert held[base + loadgen.PORT_ACCEPT] == set(targets), held      # connection rate: every target
+    # echo and sink: for the targets of a family whose other modes fall back to Python (IPv6 here)
+    fallback = {t for t in targets if "python" in (tool for m, tool in tools[loadgen.family_of(t)].items() if m != "conn")}
+    for port in (base + loadgen.PORT_ECHO, base + loadgen.PORT_SINK):
+        assert held.get(port, set()) == fallback, (port, held)
+    if tools[4]["tcp-bulk"] == "iperf3":
+        assert held[base + loadgen.PORT_IPERF3] == set(targets)
+    if tools[4]["tcp-rr"] == "sockperf":                           # IPv4 targets only, with sockperf 3.7
+        assert held[base + loadgen.PORT_SOCKPERF] == {t for t in targets if loadgen.tool_supports("sockperf",
+                                                                                                  loadgen.family_of(t))}
+    # the sandbox's wildcards: 0.0.0.0 and :: (IPv6-only) side by side on the same ports
+    with loadgen.Servers(sandbox.host, base, tools, loadgen.Pinning(), None):
+        held = _listening(sandbox.host)
+    assert held[base + loadgen.PORT_ACCEPT] == {"0.0.0.0", "::"}, held
+    if tools[4]["tcp-bulk"] == "iperf3":
+        assert held[base + loadgen.PORT_IPERF3] == {"*"}, held        # one iperf3, both families
