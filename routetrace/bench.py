@@ -5,7 +5,7 @@ intervals; and what tracing costs.
 A comparison is one family's pair of targets: its loopback address against an own address
 (IPv4: 127.0.0.1 against 198.51.100.1 in the sandbox; IPv6: ::1 against 2001:db8::1). Both
 families by default, -4 / -6 restrict (bcc's convention). Every target is one more slot in
-the same interleaved rounds, so the statistics are those of a single pair, per pair.
+the same interleaved rounds, and each family's pair is compared as a lone pair would be.
 
 Each round measures every (condition, target, mode) slot once in a shuffled order, so drift
 (CPU frequency, other load) hits both targets alike; a comparison is the per-round ratio,
@@ -300,7 +300,7 @@ def regimes(values: list[float], gap: float = REGIME_GAP) -> list[list[int]]:
 
 
 def stable_rounds(samples: Samples, targets) -> tuple[list[int] | None, str | None]:
-    """Rounds in which the untraced TCP round trip sat at its usual level, for both targets,
+    """Rounds in which the untraced TCP round trip sat at its usual level, for every target,
     and a note when some did not (None, None: no TCP round trip measured)."""
     m = next((m for m in METRICS if m.mode == "tcp-rr" and m.key == "p50"), None)
     series = [samples.get("untraced", t, m) for t in targets]

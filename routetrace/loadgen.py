@@ -69,7 +69,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 def tool_supports(tool: str, family: int) -> bool:
     """Whether this machine's `tool` can address `family`: iperf3 and the Python clients can;
-    sockperf only from 3.8 on (before, it parses -i with inet_aton and rejects IPv6)."""
+    sockperf only from 3.8 on (3.7 rejects "-i ::1" as an invalid address)."""
     if family == 4 or tool != "sockperf":
         return True
     version = tool_version(tool)
