@@ -31,7 +31,8 @@ def figure(report: dict, samples: Samples):
     fig = Figure(figsize=(6.4 * cols, 4.0 * rows), layout="constrained")
     axes = list(fig.subplots(rows, cols, squeeze=False).flat)
     machine = report.get("machine", {})
-    fig.suptitle(f"routetrace bench: 127.0.0.1 vs {targets[1]} (kernel {machine.get('kernel', '?')}, "
+    pairs = ", ".join(f"{c['loopback']} vs {c['own']}" for c in report.get("comparisons", [])) or " vs ".join(targets)
+    fig.suptitle(f"routetrace bench: {pairs} (kernel {machine.get('kernel', '?')}, "
                  f"{machine.get('cpus', '?')} CPUs, load {' '.join(machine.get('loadavg', []) or ['?'])}; "
                  f"{report.get('pinning', '')})", fontsize=9)
     for i, mode in enumerate(lat_modes):

@@ -237,6 +237,7 @@ def test_plot_has_one_series_per_target_and_condition(matplotlib_ready, tmp_path
     conditions = ("untraced", "traced", "floor-raw", "floor-tp")
     report, samples = _report(conditions)
     fig = plot.figure(report, samples)
+    assert fig._suptitle.get_text().startswith("routetrace bench: 127.0.0.1 vs 198.51.100.1 (kernel")
     axes = [ax for ax in fig.axes if ax.get_visible()]
     assert len(axes) == len(bench.MODES) + len(loadgen.LATENCY_MODES)      # latency: tail and body
     want = {f"{t} {c}" for t in report["targets"] for c in conditions}
@@ -351,3 +352,17 @@ def test_bench_trace_reports_cost_floor_bpf_statistics_and_own_cpu(bpf_ready):
     assert obs["traced_wall_s"] > 0 and obs["pump_cpu_s"] > 0
     assert obs["flows"] > 0                          # the session really traced the load
     assert sysctl.read_text() == before              # the sysctl is put back
+
+
+def test_plot_title_names_each_family_pair(matplotlib_ready):
+    from routetrace import plot
+    samples = bench.Samples()
+    for r in range(3):
+        for target in ("::1", "2001:db8::1"):
+            for mode in bench.MODES:
+                samples.add("untraced", target, _fake_result(mode, 1.0 + 0.001 * r))
+    report = bench.build_report(samples, [bench.Comparison(6, "2001:db8::1")], bench.MODES, ("untraced",),
+                                {6: {m: "python" for m in bench.MODES}}, loadgen.Pinning("0", "1"),
+                                bench.machine_facts())
+    title = plot.figure(report, samples)._suptitle.get_text()
+    assert title.startswith("routetrace bench: ::1 vs 2001:db8::1 (kernel") and "127.0.0.1" not in title
