@@ -725,7 +725,7 @@ def experiment(prepare, *, sandbox: bool, own: list[str] | None = None, family: 
 
         def slot_seconds(tool):
             return (2.2 + loadgen.sockperf_seconds(seconds) if tool == "sockperf" else
-                    max(1, math.ceil(seconds)) + 0.1 if tool == "iperf3" else seconds + 0.1)
+                    loadgen.iperf3_seconds(seconds) + 0.1 if tool == "iperf3" else seconds + 0.1)
 
         total = rounds * len(conditions) * sum(2 * slot_seconds(tools[c.family][m]) for c in comparisons for m in modes)
         pairs = " and ".join(f"{c.loopback} against {c.own}" for c in comparisons)

@@ -8,6 +8,12 @@ returns a Result naming it, so every number in bench's tables says which tool pr
 Ports, from the base port P: P sockperf server (TCP and UDP), P+1 iperf3 server,
 P+2 accept-and-close (connection rate), P+3 Python echo (TCP and UDP), P+4 Python sink.
 
+Never root: bench needs root for its namespaces and probes, its load does not (ports >= 1024,
+taskset pins its own process). Every server and client becomes nobody with no capabilities once
+its privileged setup is over, after `ip netns exec` entered the namespace: the Python ones
+themselves, right after binding (privileges.drop_to_nobody, as prove's helpers do); sockperf
+and iperf3 through privileges.unprivileged, which drops and then execs the tool.
+
 Both address families: a tool drives a family only where it can (sockperf gained IPv6 in 3.8;
 Debian's 3.7 rejects "-i ::1" as an invalid address), so an IPv6 comparison may use the Python
 clients where the IPv4 one uses sockperf, and each Result names its tool.
@@ -15,8 +21,10 @@ clients where the IPv4 one uses sockperf, and each Result names its tool.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
+import os
 import re
 import shutil
 import socket
@@ -28,7 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EnvironmentProblem
+from . import privileges
+from .errors import EnvironmentProblem, RoutetraceError
 from .experiment import stop_process
 
 # mode -> (what it measures, the tools that can drive it, best first)
@@ -220,15 +229,43 @@ class Pinning:
         return f"client on CPU {self.client or 'any'}, server on CPU {self.server or 'any'} (taskset)"
 
 
-def _prefix(ns: str | None, cpus: str | None) -> list[str]:
-    out = ["ip", "netns", "exec", ns] if ns else []
-    if cpus is not None and shutil.which("taskset"):
-        out += ["taskset", "-c", cpus]
-    return out
+def _in_namespace(ns: str | None) -> list[str]:
+    return ["ip", "netns", "exec", ns] if ns else []
+
+
+def load_command(ns: str | None, cpus: str | None, argv: list[str]) -> list[str]:
+    """argv as a load process: in namespace `ns` (None: this one), pinned to `cpus` (taskset -c,
+    None: not pinned), never root. The Python helpers (argv from _python_argv) drop to nobody
+    themselves once bound; any other program is started through privileges.unprivileged."""
+    pin = ["taskset", "-c", cpus] if cpus is not None and shutil.which("taskset") else []
+    if argv[:3] == _python_argv()[:3]:
+        return [*_in_namespace(ns), *pin, *argv]
+    return [*_in_namespace(ns), *privileges.unprivileged([*pin, *argv])]
 
 
 def _python_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "routetrace.loadgen", *args]
+
+
+@contextlib.contextmanager
+def _log_for_load(name: str):
+    """A path the load (nobody) can write and only bench reads: a file created here and given to
+    nobody, in a private directory nobody may pass through but not list or change (so it cannot
+    swap the file for a link to something of root's)."""
+    with tempfile.TemporaryDirectory(prefix="routetrace-load-") as tmp:
+        path = Path(tmp) / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            if os.geteuid() == 0:
+                os.fchown(fd, *privileges.nobody())
+                os.chmod(tmp, 0o711)
+        finally:
+            os.close(fd)
+        yield path
+
+
+def _last_line(text: str) -> str:
+    return (text.strip().splitlines() or ["?"])[-1]
 
 
 class Servers:
@@ -285,26 +322,42 @@ class Servers:
         self._tmp.cleanup()
 
     def _spawn(self, argv, what, ready_line=False):
-        proc = subprocess.Popen([*_prefix(self.ns, self.pin.server), *argv], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, text=True)
+        # stderr to a file bench reads only if the server fails: a pipe nobody drains could block it
+        with open(Path(self._tmp.name) / f"server-{len(self.procs)}.err", "w+") as err:
+            proc = subprocess.Popen(load_command(self.ns, self.pin.server, argv), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
+                                    stderr=err, text=True)
         self.procs.append(proc)
         if ready_line and proc.stdout.readline().strip() != "ready":
-            raise EnvironmentProblem(f"{what} did not start (port {self.base}..{self.base + PORTS_USED - 1} in use?)")
+            raise EnvironmentProblem(f"{what} did not start: {self._why(proc)}")
         if proc.poll() is not None:
-            raise EnvironmentProblem(f"{what} exited at once (port in use?)")
+            raise EnvironmentProblem(f"{what} exited at once: {self._why(proc)}")
+
+    def _why(self, proc: subprocess.Popen) -> str:
+        """The last line a failed server wrote on stderr (a wrapper's drop, a port in use)."""
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
+        i = self.procs.index(proc)
+        try:
+            said = _last_line((Path(self._tmp.name) / f"server-{i}.err").read_text(errors="replace"))
+        except OSError:
+            said = "?"
+        return said if said != "?" else f"no message (ports {self.base}..{self.base + PORTS_USED - 1} in use?)"
 
     def _wait_port(self, port: int, count: int = 1, timeout: float = 5.0) -> None:
         """TCP servers are up when the namespace lists their `count` sockets on `port` (no
         connection, no traffic)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = subprocess.run([*_prefix(self.ns, None), "ss", "-Hltn", f"sport = :{port}"],
+            out = subprocess.run([*_in_namespace(self.ns), "ss", "-Hltn", f"sport = :{port}"],
                                  capture_output=True, text=True, check=False)
             if len(out.stdout.strip().splitlines()) >= count:
                 return
-            if any(p.poll() is not None for p in self.procs):
-                raise EnvironmentProblem(f"a benchmark server exited at once (port {port} in use?)")
+            gone = next((p for p in self.procs if p.poll() is not None), None)
+            if gone is not None:
+                raise EnvironmentProblem(f"a benchmark server exited at once: {self._why(gone)}")
             time.sleep(0.05)
         raise EnvironmentProblem(f"no server listening on port {port} after {timeout:g}s")
 
@@ -326,18 +379,41 @@ def sockperf_seconds(seconds: float) -> int:
     return max(1, math.ceil(seconds + SOCKPERF_WARMUP_S))
 
 
+def client_argv(mode: str, tool: str, host: str, base: int, seconds: float, log: Path | None = None) -> list[str]:
+    """The client of one slice, as `tool` takes it (load_command puts it in its namespace, pins it
+    and starts it as nobody). log: sockperf ping-pong's --full-log file."""
+    if tool == "sockperf":
+        latency = mode in LATENCY_MODES
+        size = RR_SIZE if latency else TCP_TP_SIZE if mode == "tcp-tp" else UDP_TP_SIZE
+        argv = ["sockperf", "pp" if latency else "tp", *(["--tcp"] if mode in ("tcp-rr", "tcp-tp") else []),
+                "-i", host, "-p", str(base + PORT_SOCKPERF), "-m", str(size), "-t", str(sockperf_seconds(seconds))]
+        if latency:
+            if log is None:
+                raise ValueError("sockperf ping-pong needs a --full-log file")
+            argv += ["--full-rtt", "--full-log", str(log)]
+        return argv
+    if tool == "iperf3":
+        return ["iperf3", "-c", host, "-p", str(base + PORT_IPERF3), "-t", str(iperf3_seconds(seconds)), "-J"]
+    if tool == "python":
+        return _python_argv("client", mode, host, str(base), str(seconds))
+    raise ValueError(f"no driver for {mode} with {tool}")
+
+
+def iperf3_seconds(seconds: float) -> int:
+    """iperf3 takes whole seconds."""
+    import math
+    return max(1, math.ceil(seconds))
+
+
 def measure(mode: str, tool: str, ns: str | None, host: str, base: int, seconds: float,
             pin: Pinning = Pinning()) -> Result:
     """One slice of `mode` driven by `tool`, from namespace `ns` to host."""
-    client = _prefix(ns, pin.client)
+    def command(log: Path | None = None) -> list[str]:
+        return load_command(ns, pin.client, client_argv(mode, tool, host, base, seconds, log))
+
     if tool == "sockperf" and mode in LATENCY_MODES:
-        with tempfile.TemporaryDirectory(prefix="routetrace-sockperf-") as tmp:
-            log = Path(tmp) / "full.csv"
-            argv = [*client, "sockperf", "pp", "-i", host, "-p", str(base + PORT_SOCKPERF), "-m", str(RR_SIZE),
-                    "-t", str(sockperf_seconds(seconds)), "--full-rtt", "--full-log", str(log)]
-            if mode == "tcp-rr":
-                argv.insert(len(client) + 2, "--tcp")
-            _run(argv, seconds + 60, f"sockperf pp ({mode} to {host})")
+        with _log_for_load("full.csv") as log:
+            _run(command(log), seconds + 60, f"sockperf pp ({mode} to {host})")
             text = log.read_text()
         lat = parse_sockperf_full_log(text)
         values = latency_values(lat)
@@ -345,25 +421,20 @@ def measure(mode: str, tool: str, ns: str | None, host: str, base: int, seconds:
         return Result(mode, tool, values, lat, summary["valid_s"])
     if tool == "sockperf":
         size = TCP_TP_SIZE if mode == "tcp-tp" else UDP_TP_SIZE
-        argv = [*client, "sockperf", "tp", "-i", host, "-p", str(base + PORT_SOCKPERF), "-m", str(size),
-                "-t", str(sockperf_seconds(seconds))]
-        if mode == "tcp-tp":
-            argv.insert(len(client) + 2, "--tcp")
-        values = parse_sockperf_tp(_run(argv, seconds + 60, f"sockperf tp ({mode} to {host})"), size)
+        values = parse_sockperf_tp(_run(command(), seconds + 60, f"sockperf tp ({mode} to {host})"), size)
         return Result(mode, tool, values, duration_s=sockperf_seconds(seconds))
     if tool == "iperf3":
-        import math
-        secs = max(1, math.ceil(seconds))
-        argv = [*client, "iperf3", "-c", host, "-p", str(base + PORT_IPERF3), "-t", str(secs), "-J"]
-        out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=secs + 60)
+        secs = iperf3_seconds(seconds)
+        out = subprocess.run(command(), capture_output=True, text=True, check=False, timeout=secs + 60)
         try:
             values = parse_iperf3_json(out.stdout)
         except (ValueError, KeyError) as exc:
-            raise EnvironmentProblem(f"iperf3 to {host} failed: {exc}") from None
+            # no JSON at all: whatever stopped it before iperf3 ran (the drop, a missing program)
+            why = exc if out.stdout.strip() else _last_line(out.stderr)
+            raise EnvironmentProblem(f"iperf3 to {host} failed: {why}") from None
         return Result(mode, tool, values, duration_s=float(secs))
     if tool == "python":
-        text = _run([*client, *_python_argv("client", mode, host, str(base), str(seconds))], seconds + 60,
-                    f"python client ({mode} to {host})")
+        text = _run(command(), seconds + 60, f"python client ({mode} to {host})")
         data = json.loads(text.strip().splitlines()[-1])
         lat = data.pop("latencies_us", [])
         values = latency_values(lat) if lat else {}
@@ -380,7 +451,8 @@ _LINGER0 = struct.pack("ii", 1, 0)
 def serve(base: int, accept_only: bool = False, bind: str = "0.0.0.0") -> None:
     """accept_only: accept-and-close on P+2; else echo (TCP and UDP) on P+3, sink on P+4.
     bind: the one address to listen on (a wildcard, 0.0.0.0 or ::, only inside a sandbox
-    namespace)."""
+    namespace). Once bound, and before any thread starts (credentials are per thread), the
+    process is nobody; "ready" says both."""
     import threading
     family = _socket_family(bind)
 
@@ -432,10 +504,12 @@ def serve(base: int, accept_only: bool = False, bind: str = "0.0.0.0") -> None:
         # Its own process: the acceptor must keep up with the connect loop, with no other
         # thread taking the interpreter from it (a full accept queue drops SYNs: 1 s stalls).
         acc = listener(base + PORT_ACCEPT)
+        privileges.drop_to_nobody()
         print("ready", flush=True)
         accept_close(acc)
     echo, sink = listener(base + PORT_ECHO), listener(base + PORT_SINK)
     udp = bound(socket.SOCK_DGRAM, base + PORT_ECHO)
+    privileges.drop_to_nobody()
     for target, args in ((threaded, (echo, echo_conn)), (threaded, (sink, sink_conn))):
         threading.Thread(target=target, args=args, daemon=True).start()
     print("ready", flush=True)
@@ -544,10 +618,15 @@ def _main(argv: list[str]) -> int:
     c.add_argument("base", type=int)
     c.add_argument("seconds", type=float)
     args = parser.parse_args(argv)
-    if args.cmd == "serve":
-        serve(args.base, args.accept_only, args.bind)
-    else:
-        print(json.dumps(client(args.mode, args.host, args.base, args.seconds)))
+    try:
+        if args.cmd == "serve":
+            serve(args.base, args.accept_only, args.bind)
+        else:
+            privileges.drop_to_nobody()         # a client needs no privilege at all
+            print(json.dumps(client(args.mode, args.host, args.base, args.seconds)))
+    except RoutetraceError as exc:              # the drop failed: one line, and nothing runs as root
+        print(f"routetrace load: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

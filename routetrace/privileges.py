@@ -350,3 +350,58 @@ def nobody() -> tuple[int, int]:
         return pw.pw_uid, pw.pw_gid
     except KeyError:
         return 65534, 65534
+
+
+# ---- load processes: bench's servers and clients ----------------------------------------
+#
+# None of them needs root (ports >= 1024; taskset pins its own process), but bench runs as root
+# for its namespaces and probes. Each one becomes nobody once its privileged setup is over, by
+# the same drop as prove's helpers: the Python ones call drop_to_nobody() themselves after
+# binding (they import routetrace first, which a checkout private to root allows only as root);
+# an external tool is started through `unprivileged()`, this module run as a tiny wrapper that
+# drops and then execs it. After `ip netns exec NS`: entering the namespace needs root.
+
+def drop_to_nobody() -> dict:
+    """Become nobody with no capabilities, an emptied bounding set and no_new_privs (not root:
+    keep the user, drop any capability held). Without a 'nobody' entry, uid and gid 65534, as
+    prove's helpers do; never root."""
+    uid, gid = nobody()
+    if uid == 0 or gid == 0:
+        raise EnvironmentProblem("user 'nobody' is root here: there is no unprivileged user to run the load as")
+    return drop_privileges(uid=uid, gid=gid)
+
+
+EXEC_AS_NOBODY = "exec-as-nobody"
+
+
+def unprivileged(argv: list[str]) -> list[str]:
+    """argv started as nobody: the wrapper drops (drop_to_nobody), then execs argv; if the drop
+    fails it says so in one line and exits 2, never running argv as root."""
+    import sys
+    return [sys.executable, "-m", "routetrace.privileges", EXEC_AS_NOBODY, "--", *argv]
+
+
+def _exec_as_nobody(argv: list[str]) -> int:
+    import sys
+    if not argv:
+        print("routetrace: nothing to run", file=sys.stderr)
+        return 2
+    try:
+        drop_to_nobody()
+    except EnvironmentProblem as exc:
+        print(f"routetrace: {exc}", file=sys.stderr)
+        return 2
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        print(f"routetrace: cannot run {argv[0]}: {exc.strerror or exc}", file=sys.stderr)
+        return 127
+
+
+if __name__ == "__main__":
+    import sys
+    args = sys.argv[1:]
+    if args[:2] != [EXEC_AS_NOBODY, "--"]:
+        print(f"usage: python -m routetrace.privileges {EXEC_AS_NOBODY} -- PROGRAM [ARG]...", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(_exec_as_nobody(args[2:]))
