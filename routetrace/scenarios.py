@@ -233,6 +233,18 @@ class ScenarioNet:
         """The scenario's client: what it saw ("ok", "timeout", ...)."""
         return connect_from(self.ns(scenario.client), scenario.daddr, port, "tcp", scenario.options)
 
+    def play_all(self, port: int, between=lambda: None) -> dict[str, str]:
+        """Every scenario this kernel can run, one client each; `between` runs after each."""
+        outcomes = {}
+        for scenario in SCENARIOS:
+            if not self.available(scenario):
+                outcomes[scenario.name] = self.play(scenario, port)
+                between()
+        return outcomes
+
+    def predict_all(self) -> dict[str, Prediction]:
+        return {s.name: predict(self.ns(s.client), s.daddr, s.options) for s in SCENARIOS if not self.available(s)}
+
 
 def describe(sb: Sandbox) -> str:
     return (f"sandbox: namespaces {sb.host} (eth0 {OWN_ADDR}/24 +{SECONDARY_ADDR}, eth1 {ETH1_ADDR}/24, "
@@ -327,6 +339,19 @@ def judge(scenario: Scenario, flows: list[Flow], *, kind: str, prediction: Predi
     return row
 
 
+def row_for(net: ScenarioNet, scenario: Scenario, flows: list[Flow], port: int, outcome: str,
+            prediction: Prediction | None, own_addresses=netns.addresses) -> ScenarioRow:
+    """The scenario's row from a trace's flows (every namespace's): the live run, the VM matrix
+    and the BPF tests all judge through here."""
+    why = net.available(scenario)
+    if why:
+        return unavailable_row(scenario, why)
+    inode = netns.inode_of(net.ns(scenario.client))
+    kind = classify(scenario.daddr, own_addresses(inode))
+    return judge(scenario, client_flows(flows, scenario, inode, port), kind=kind, prediction=prediction,
+                 client=outcome)
+
+
 def unavailable_row(scenario: Scenario, why: str) -> ScenarioRow:
     return ScenarioRow(scenario, unavailable=why, explanation=why)
 
@@ -375,28 +400,16 @@ def run(plan, headers_path, net: ScenarioNet, *, port: int, as_json: bool = Fals
     from .record import TraceWriter
     from .session import Session
     out, err = out or sys.stdout, err or sys.stderr
-    runnable = [s for s in SCENARIOS if not net.available(s)]
-    predictions = {s.name: predict(net.ns(s.client), s.daddr, s.options) for s in runnable}
+    predictions = net.predict_all()
     recorder = TraceWriter(record, force=force) if record else None
-    outcomes = {}
     with Session(plan, headers_path, recorder) as session:
-        print(f"Tracing ({plan.backend} plan) while {len(runnable)} scenario clients connect on port {port}...",
+        print(f"Tracing ({plan.backend} plan) while {len(predictions)} scenario clients connect on port {port}...",
               file=err, flush=True)
-        for scenario in runnable:
-            outcomes[scenario.name] = net.play(scenario, port)
-            session.pump(20)
+        outcomes = net.play_all(port, between=lambda: session.pump(20))
         time.sleep(0.2)                  # the last ACKs of each close
         result, _late = session.finish()
-    rows = []
-    for scenario in SCENARIOS:
-        why = net.available(scenario)
-        if why:
-            rows.append(unavailable_row(scenario, why))
-            continue
-        inode = netns.inode_of(net.ns(scenario.client))
-        kind = classify(scenario.daddr, result.own(inode))
-        rows.append(judge(scenario, client_flows(result.flows, scenario, inode, port), kind=kind,
-                          prediction=predictions[scenario.name], client=outcomes[scenario.name]))
+    rows = [row_for(net, scenario, result.flows, port, outcomes.get(scenario.name, ""),
+                    predictions.get(scenario.name), result.own) for scenario in SCENARIOS]
     code, verdict_text = verdict(rows)
     if as_json:
         print(json_line({"type": "scenarios", "port": port, "rows": [r.to_dict() for r in rows],
