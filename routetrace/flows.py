@@ -278,7 +278,8 @@ def explain_route(daddr: str, kind: str, key: RouteKey, seen: RouteSeen) -> str:
         return f"{sent}; no route was seen on these packets (sent without a socket's route)"
     if key.route_type == "LOCAL" and _on_loopback(key):
         if kind == LOOPBACK:
-            why = "127.0.0.0/8 is a local route, and the kernel outputs local routes through the loopback device"
+            why = (f"{'::1' if ':' in daddr else '127.0.0.0/8'} is a local route, and the kernel outputs local "
+                   f"routes through the loopback device")
         elif kind == OWN:
             why = (f"an address of this namespace (the local table names {fib}); the kernel outputs local "
                    f"routes through the loopback device, not the device that holds the address")
@@ -297,10 +298,10 @@ def explain_route(daddr: str, kind: str, key: RouteKey, seen: RouteSeen) -> str:
     if tables:
         names = "/".join(str(t) for t in tables)
         why = f"a policy rule (ip rule, e.g. a fwmark) chose table {names}, which routes it via {fib}"
-        if kind != OTHER:
+        if kind in (LOOPBACK, OWN):
             why += ", so the local table never answered for this own address"
         return f"{route}: {why}; {sent}"
-    if kind != OTHER:
+    if kind in (LOOPBACK, OWN):
         return (f"{route}, not LOCAL: the lookup was tied to {fib} (a socket bound with SO_BINDTODEVICE, or an "
                 f"oif), so the local route on another device did not match and the own address is routed "
                 f"out like a remote one; {sent}")

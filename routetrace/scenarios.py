@@ -158,6 +158,21 @@ def _veth(tag: str, host: str, host_dev: str, peer: str, peer_dev: str) -> None:
     _ip("-n", peer, "link", "set", peer_dev, "up")
 
 
+def vrf_driver_present(release: str | None = None) -> bool:
+    """Whether the kernel has the vrf driver loaded, built in, or as a module it can load: a
+    test holds the 'not available' statement against this, so it is never a silent skip."""
+    import os
+    from pathlib import Path
+    release = release or os.uname().release
+    if Path("/sys/module/vrf").exists():
+        return True
+    for index in ("modules.dep", "modules.builtin"):
+        path = Path("/lib/modules") / release / index
+        if path.exists() and "/vrf.ko" in path.read_text(errors="replace"):
+            return True
+    return False
+
+
 def _try_vrf(host: str) -> str | None:
     """Make the VRF; None when done, else why it cannot be (this host has no vrf module)."""
     out = subprocess.run(["ip", "-n", host, "link", "add", VRF_DEV, "type", "vrf", "table", str(VRF_TABLE)],

@@ -282,18 +282,6 @@ def _scenario_route_exceptions(sb):
 SCENARIOS["route_exceptions"] = _scenario_route_exceptions
 
 
-def kernel_can_have_vrf() -> bool:
-    """Whether the running kernel has the vrf driver built in or as a module it can load."""
-    release = os.uname().release
-    if Path("/sys/module/vrf").exists():
-        return True
-    for name in ("modules.dep", "modules.builtin"):
-        index = Path("/lib/modules") / release / name
-        if index.exists() and "/vrf.ko" in index.read_text():
-            return True
-    return False
-
-
 def route_exception_row(run: MatrixRun, name: str):
     from routetrace.record import _flow_from
     from routetrace.scenarios import BY_NAME, row_for
@@ -311,7 +299,8 @@ def test_route_exception_scenario_per_flow(matrix, name):
     if row.unavailable:
         # Never a silent skip: the row says why, and this kernel truly cannot have the feature.
         assert scenario.needs == "vrf" and row.unavailable.startswith(NO_VRF), row.to_dict()
-        assert not kernel_can_have_vrf(), f"{os.uname().release} has vrf, yet: {row.unavailable}"
+        from routetrace.scenarios import vrf_driver_present
+        assert not vrf_driver_present(), f"{os.uname().release} has vrf, yet: {row.unavailable}"
         return
     from routetrace import netns
     from routetrace.scenarios import client_flows
