@@ -21,7 +21,8 @@ OWN_ADDR, PEER_ADDR, PREFIX = "198.51.100.1", "198.51.100.2", 24
 OWN_ADDR6, PEER_ADDR6, PREFIX6 = "2001:db8::1", "2001:db8::2", 64
 
 
-def _ip(*args: str) -> None:
+def run_ip(*args: str) -> None:
+    """`ip ARGS`, or EnvironmentProblem with what ip said."""
     out = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise EnvironmentProblem(f"ip {' '.join(args)}: {out.stderr.strip()}")
@@ -42,19 +43,19 @@ class Sandbox:
         tag = secrets.token_hex(3)
         self.host, self.peer = f"rt-{tag}-host", f"rt-{tag}-peer"
         try:
-            _ip("netns", "add", self.host)
-            _ip("netns", "add", self.peer)
+            run_ip("netns", "add", self.host)
+            run_ip("netns", "add", self.peer)
             # veth names are global until moved: make them unique, then call both eth0.
-            _ip("link", "add", f"rt{tag}a", "type", "veth", "peer", "name", f"rt{tag}b")
+            run_ip("link", "add", f"rt{tag}a", "type", "veth", "peer", "name", f"rt{tag}b")
             for ns, dev, addr, addr6 in ((self.host, f"rt{tag}a", self.own_addr, self.own_addr6),
                                          (self.peer, f"rt{tag}b", self.peer_addr, self.peer_addr6)):
-                _ip("link", "set", dev, "netns", ns)
-                _ip("-n", ns, "link", "set", dev, "name", "eth0")
-                _ip("-n", ns, "addr", "add", f"{addr}/{PREFIX}", "dev", "eth0")
+                run_ip("link", "set", dev, "netns", ns)
+                run_ip("-n", ns, "link", "set", dev, "name", "eth0")
+                run_ip("-n", ns, "addr", "add", f"{addr}/{PREFIX}", "dev", "eth0")
                 # nodad: usable at once, no duplicate-address probe to wait for
-                _ip("-n", ns, "addr", "add", f"{addr6}/{PREFIX6}", "dev", "eth0", "nodad")
-                _ip("-n", ns, "link", "set", "lo", "up")
-                _ip("-n", ns, "link", "set", "eth0", "up")
+                run_ip("-n", ns, "addr", "add", f"{addr6}/{PREFIX6}", "dev", "eth0", "nodad")
+                run_ip("-n", ns, "link", "set", "lo", "up")
+                run_ip("-n", ns, "link", "set", "eth0", "up")
         except BaseException:
             self.__exit__(None, None, None)
             raise

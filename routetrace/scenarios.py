@@ -29,7 +29,7 @@ from tabulate import tabulate
 
 from . import netns
 from .events import Flow
-from .experiment import SocketOptions, Sandbox, _ip, connect_from, start_listener
+from .experiment import Sandbox, SocketOptions, connect_from, run_ip, start_listener
 from .flows import DestinationSummary, classify
 from .render import json_line, losses_line
 from .sanitize import text
@@ -52,7 +52,7 @@ class Scenario:
     name: str
     case: str                      # what is tried, in a user's words
     user_expects: str              # what a user might expect
-    client: str                    # HOST or PEER: the namespace the client runs in
+    client_ns: str                 # HOST or PEER: the namespace the client runs in
     daddr: str
     options: SocketOptions = SocketOptions()
     # What the kernel's code does (README cites the code path for each):
@@ -150,12 +150,12 @@ def predict(ns: str | None, daddr: str, options: SocketOptions | None = None) ->
 def _veth(tag: str, host: str, host_dev: str, peer: str, peer_dev: str) -> None:
     # veth names are global until moved: unique ones first, renamed inside the namespaces.
     a, b = f"rt{tag}{host_dev[-1]}h", f"rt{tag}{host_dev[-1]}p"
-    _ip("link", "add", a, "type", "veth", "peer", "name", b)
-    _ip("link", "set", a, "netns", host)
-    _ip("link", "set", b, "netns", peer)
-    _ip("-n", host, "link", "set", a, "name", host_dev)
-    _ip("-n", peer, "link", "set", b, "name", peer_dev)
-    _ip("-n", peer, "link", "set", peer_dev, "up")
+    run_ip("link", "add", a, "type", "veth", "peer", "name", b)
+    run_ip("link", "set", a, "netns", host)
+    run_ip("link", "set", b, "netns", peer)
+    run_ip("-n", host, "link", "set", a, "name", host_dev)
+    run_ip("-n", peer, "link", "set", b, "name", peer_dev)
+    run_ip("-n", peer, "link", "set", peer_dev, "up")
 
 
 def vrf_driver_present(release: str | None = None) -> bool:
@@ -210,33 +210,33 @@ class ScenarioNet:
         tag = host.split("-")[1]
         # The sandbox calls both veth ends eth0; here the peer's is p0, so a device can never be
         # credited to the wrong side because the names match.
-        _ip("-n", peer, "link", "set", "eth0", "down")
-        _ip("-n", peer, "link", "set", "eth0", "name", "p0")
-        _ip("-n", peer, "link", "set", "p0", "up")
-        _ip("-n", host, "addr", "add", f"{SECONDARY_ADDR}/24", "dev", "eth0")
+        run_ip("-n", peer, "link", "set", "eth0", "down")
+        run_ip("-n", peer, "link", "set", "eth0", "name", "p0")
+        run_ip("-n", peer, "link", "set", "p0", "up")
+        run_ip("-n", host, "addr", "add", f"{SECONDARY_ADDR}/24", "dev", "eth0")
         _veth(tag, host, "eth1", peer, "p1")
-        _ip("-n", host, "addr", "add", f"{ETH1_ADDR}/24", "dev", "eth1")
-        _ip("-n", peer, "addr", "add", f"{GATEWAY}/24", "dev", "p1")
-        _ip("-n", host, "link", "set", "eth1", "up")
-        _ip("-n", host, "route", "add", "default", "via", GATEWAY, "dev", "eth1")
+        run_ip("-n", host, "addr", "add", f"{ETH1_ADDR}/24", "dev", "eth1")
+        run_ip("-n", peer, "addr", "add", f"{GATEWAY}/24", "dev", "p1")
+        run_ip("-n", host, "link", "set", "eth1", "up")
+        run_ip("-n", host, "route", "add", "default", "via", GATEWAY, "dev", "eth1")
         # An address on a device that goes down: up first, so NETDEV_DOWN runs as in real life.
         _veth(tag, host, "eth2", peer, "p2")
-        _ip("-n", host, "link", "set", "eth2", "up")
-        _ip("-n", host, "addr", "add", f"{DOWN_ADDR}/25", "dev", "eth2")
-        _ip("-n", host, "link", "set", "eth2", "down")
-        _ip("-n", host, "route", "add", "local", ANYIP_PREFIX, "dev", "lo")
-        _ip("-n", host, "rule", "add", "fwmark", str(POLICY_MARK), "lookup", str(POLICY_TABLE))
-        _ip("-n", host, "route", "add", PEER_ADDR, "via", GATEWAY, "dev", "eth1", "table", str(POLICY_TABLE))
+        run_ip("-n", host, "link", "set", "eth2", "up")
+        run_ip("-n", host, "addr", "add", f"{DOWN_ADDR}/25", "dev", "eth2")
+        run_ip("-n", host, "link", "set", "eth2", "down")
+        run_ip("-n", host, "route", "add", "local", ANYIP_PREFIX, "dev", "lo")
+        run_ip("-n", host, "rule", "add", "fwmark", str(POLICY_MARK), "lookup", str(POLICY_TABLE))
+        run_ip("-n", host, "route", "add", PEER_ADDR, "via", GATEWAY, "dev", "eth1", "table", str(POLICY_TABLE))
         net = cls(sb)
         why = _try_vrf(host)
         if why:
             net.unavailable["vrf"] = why
         else:
             _veth(tag, host, VRF_SLAVE, peer, "p3")
-            _ip("-n", host, "link", "set", VRF_SLAVE, "master", VRF_DEV)
-            _ip("-n", host, "link", "set", VRF_DEV, "up")
-            _ip("-n", host, "link", "set", VRF_SLAVE, "up")
-            _ip("-n", host, "addr", "add", f"{VRF_ADDR}/32", "dev", VRF_SLAVE)
+            run_ip("-n", host, "link", "set", VRF_SLAVE, "master", VRF_DEV)
+            run_ip("-n", host, "link", "set", VRF_DEV, "up")
+            run_ip("-n", host, "link", "set", VRF_SLAVE, "up")
+            run_ip("-n", host, "addr", "add", f"{VRF_ADDR}/32", "dev", VRF_SLAVE)
             sb.serve(host, port, addresses=[VRF_ADDR], device=VRF_DEV)
         # Every listener binds its address itself (never the wildcard): the kernel lets a socket
         # bind any address its local routes cover, the AnyIP one and the down device's too.
@@ -246,7 +246,7 @@ class ScenarioNet:
 
     def play(self, scenario: Scenario, port: int) -> str:
         """The scenario's client: what it saw ("ok", "timeout", ...)."""
-        return connect_from(self.ns(scenario.client), scenario.daddr, port, "tcp", scenario.options)
+        return connect_from(self.ns(scenario.client_ns), scenario.daddr, port, "tcp", scenario.options)
 
     def play_all(self, port: int, between=lambda: None) -> dict[str, str]:
         """Every scenario this kernel can run, one client each; `between` runs after each."""
@@ -258,7 +258,7 @@ class ScenarioNet:
         return outcomes
 
     def predict_all(self) -> dict[str, Prediction]:
-        return {s.name: predict(self.ns(s.client), s.daddr, s.options) for s in SCENARIOS if not self.available(s)}
+        return {s.name: predict(self.ns(s.client_ns), s.daddr, s.options) for s in SCENARIOS if not self.available(s)}
 
 
 def describe(sb: Sandbox) -> str:
@@ -295,7 +295,7 @@ class ScenarioRow:
     def to_dict(self) -> dict:
         s = self.scenario
         return {"scenario": s.name, "case": s.case, "user_expects": s.user_expects,
-                "client_netns": s.client, "daddr": s.daddr,
+                "client_netns": s.client_ns, "daddr": s.daddr,
                 "options": {"device": s.options.device, "mark": s.options.mark, "source": s.options.source},
                 "documented": {"route_type": s.route_type, "route_dev": s.route_dev,
                                "route_loopback": s.route_loopback, "xmit_devs": sorted(s.xmit_devs),
@@ -361,7 +361,7 @@ def row_for(net: ScenarioNet, scenario: Scenario, flows: list[Flow], port: int, 
     why = net.available(scenario)
     if why:
         return unavailable_row(scenario, why)
-    inode = netns.inode_of(net.ns(scenario.client))
+    inode = netns.inode_of(net.ns(scenario.client_ns))
     kind = classify(scenario.daddr, own_addresses(inode))
     return judge(scenario, client_flows(flows, scenario, inode, port), kind=kind, prediction=prediction,
                  client=outcome)

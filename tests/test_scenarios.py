@@ -61,7 +61,7 @@ def recorded():
 
 def _row(recorded, scenario, prediction=None, client=None):
     trace, names = recorded
-    inode = names[scenario.client]
+    inode = names[scenario.client_ns]
     flows = client_flows(trace.flows, scenario, inode, PORT)
     return judge(scenario, flows, kind=classify(scenario.daddr, trace.own_addresses(inode)),
                  prediction=prediction, client=scenario.client_sees if client is None else client)

@@ -63,7 +63,7 @@ def test_each_scenario_per_flow(played, name):
         assert scenario.needs == "vrf" and row.unavailable.startswith(NO_VRF)
         assert not vrf_driver_present(), row.unavailable
         return
-    mine = client_flows(played.flows, scenario, netns.inode_of(played.net.ns(scenario.client)), PORT)
+    mine = client_flows(played.flows, scenario, netns.inode_of(played.net.ns(scenario.client_ns)), PORT)
     assert mine, f"no flow for {name} among {played.flows}"
     for flow in mine:
         assert (flow.route_type, flow.route_dev, flow.route_loopback) == \

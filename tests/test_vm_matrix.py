@@ -305,7 +305,7 @@ def test_route_exception_scenario_per_flow(matrix, name):
     from routetrace import netns
     from routetrace.scenarios import client_flows
     net = matrix.scenarios["route_exceptions"].outcome["net"]
-    mine = client_flows(flows, scenario, netns.inode_of(net.ns(scenario.client)), ROUTE_EXCEPTIONS_PORT)
+    mine = client_flows(flows, scenario, netns.inode_of(net.ns(scenario.client_ns)), ROUTE_EXCEPTIONS_PORT)
     assert mine, f"no flow for {name}"
     for flow in mine:
         assert (flow.route_type, flow.route_dev) == (scenario.route_type, scenario.route_dev), flow
