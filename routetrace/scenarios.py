@@ -29,7 +29,7 @@ from tabulate import tabulate
 
 from . import netns
 from .events import Flow
-from .experiment import Sandbox, SocketOptions, connect_from, run_ip, start_listener
+from .experiment import Sandbox, SocketOptions, connect_from, run_ip
 from .flows import DestinationSummary, classify
 from .render import json_line, losses_line
 from .sanitize import text
