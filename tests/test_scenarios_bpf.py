@@ -111,6 +111,7 @@ def test_prove_scenarios_json_end_to_end(bpf_ready):
 @pytest.mark.bpf
 def test_prove_scenarios_table_end_to_end(bpf_ready):
     out = _prove("--sandbox", "--scenarios", "-P", "8896")
+    print(out.stderr + out.stdout)       # shown by pytest -rA: the README quotes a VM's run
     assert out.returncode == 0, out.stdout + out.stderr
     head, *lines = out.stdout.splitlines()
     assert head.split() == ["SCENARIO", "A", "USER", "MIGHT", "EXPECT", "IP", "ROUTE", "GET", "PREDICTS",
