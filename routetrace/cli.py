@@ -192,16 +192,29 @@ def _addresses(_ctx, param, values):
 @click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True,
               help="Protocol of the test connections.")
 @click.option("--closed", is_flag=True, help="Connect to a port nothing listens on: the SYN is answered by RST.")
+@click.option("--scenarios", is_flag=True,
+              help="With --sandbox: the cases where own-address traffic does not take lo (bound device, VRF, "
+                   "container, AnyIP, policy rule, 127.0.0.2, secondary and down-device addresses), one row each.")
 @click.option("--json", "-j", "as_json", is_flag=True, help="One JSON object instead of the table.")
 @click.option("--record", "-w", metavar="FILE", help="Also write the trace to FILE.")
 @click.option("--force", is_flag=True, help="Let --record replace an existing regular file you own.")
 @backend_option()
-def prove(port, sandbox, to, control, proto, closed, as_json, record, force, backend):
+def prove(port, sandbox, to, control, proto, closed, scenarios, as_json, record, force, backend):
     """Connect to 127.0.0.1 and to own addresses while tracing: do both leave on lo?
 
-    Exit status: 0 the claim held, 1 it did not, 2 usage or environment error.
+    Exit status: 0 the claim held (--scenarios: every scenario did what the kernel's code
+    documents), 1 it did not, 2 usage or environment error.
     """
     from . import prove as experiment_prove
+    if scenarios:
+        if not sandbox:
+            raise UsageError("--scenarios builds its own namespaces: add --sandbox")
+        if to or control or closed or proto != "tcp":
+            raise UsageError("--scenarios chooses its own destinations and sockets: drop --to/--control/--closed/--proto")
+        _require_root("prove")
+        from . import scenarios as scenario_run
+        sys.exit(scenario_run.experiment(lambda filters: _prepare("prove", filters, backend), port=port,
+                                         as_json=as_json, record=record, force=force))
     if closed and proto == "udp":
         raise UsageError("--closed goes with --proto tcp (a closed UDP port answers with ICMP, which has no port)")
     if sandbox and (to or control):

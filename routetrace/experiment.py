@@ -7,6 +7,7 @@ control). Only these addresses and loopback are ever used as destinations.
 from __future__ import annotations
 
 import argparse
+import errno
 import secrets
 import socket
 import struct
@@ -20,7 +21,8 @@ OWN_ADDR, PEER_ADDR, PREFIX = "198.51.100.1", "198.51.100.2", 24
 OWN_ADDR6, PEER_ADDR6, PREFIX6 = "2001:db8::1", "2001:db8::2", 64
 
 
-def _ip(*args: str) -> None:
+def run_ip(*args: str) -> None:
+    """`ip ARGS`, or EnvironmentProblem with what ip said."""
     out = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise EnvironmentProblem(f"ip {' '.join(args)}: {out.stderr.strip()}")
@@ -41,19 +43,19 @@ class Sandbox:
         tag = secrets.token_hex(3)
         self.host, self.peer = f"rt-{tag}-host", f"rt-{tag}-peer"
         try:
-            _ip("netns", "add", self.host)
-            _ip("netns", "add", self.peer)
+            run_ip("netns", "add", self.host)
+            run_ip("netns", "add", self.peer)
             # veth names are global until moved: make them unique, then call both eth0.
-            _ip("link", "add", f"rt{tag}a", "type", "veth", "peer", "name", f"rt{tag}b")
+            run_ip("link", "add", f"rt{tag}a", "type", "veth", "peer", "name", f"rt{tag}b")
             for ns, dev, addr, addr6 in ((self.host, f"rt{tag}a", self.own_addr, self.own_addr6),
                                          (self.peer, f"rt{tag}b", self.peer_addr, self.peer_addr6)):
-                _ip("link", "set", dev, "netns", ns)
-                _ip("-n", ns, "link", "set", dev, "name", "eth0")
-                _ip("-n", ns, "addr", "add", f"{addr}/{PREFIX}", "dev", "eth0")
+                run_ip("link", "set", dev, "netns", ns)
+                run_ip("-n", ns, "link", "set", dev, "name", "eth0")
+                run_ip("-n", ns, "addr", "add", f"{addr}/{PREFIX}", "dev", "eth0")
                 # nodad: usable at once, no duplicate-address probe to wait for
-                _ip("-n", ns, "addr", "add", f"{addr6}/{PREFIX6}", "dev", "eth0", "nodad")
-                _ip("-n", ns, "link", "set", "lo", "up")
-                _ip("-n", ns, "link", "set", "eth0", "up")
+                run_ip("-n", ns, "addr", "add", f"{addr6}/{PREFIX6}", "dev", "eth0", "nodad")
+                run_ip("-n", ns, "link", "set", "lo", "up")
+                run_ip("-n", ns, "link", "set", "eth0", "up")
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -71,11 +73,13 @@ class Sandbox:
         return (f"sandbox: namespaces {self.host} (eth0 {self.own_addr}/{PREFIX} {self.own_addr6}/{PREFIX6}) and "
                 f"{self.peer} (eth0 {self.peer_addr}/{PREFIX} {self.peer_addr6}/{PREFIX6}), removed on exit")
 
-    def serve(self, ns: str | None, *ports: int, kind: str = "serve", addresses: list[str] | None = None) -> None:
-        self._procs.append(start_listener(ns, ports, kind, addresses=addresses))
+    def serve(self, ns: str | None, *ports: int, kind: str = "serve", addresses: list[str] | None = None,
+              device: str | None = None) -> None:
+        self._procs.append(start_listener(ns, ports, kind, addresses=addresses, device=device))
 
-    def connect(self, ns: str | None, host: str, port: int, proto: str = "tcp") -> str:
-        return connect_from(ns, host, port, proto)
+    def connect(self, ns: str | None, host: str, port: int, proto: str = "tcp",
+                options: "SocketOptions | None" = None) -> str:
+        return connect_from(ns, host, port, proto, options)
 
 
 def enter_sandbox(stack) -> Sandbox:
@@ -124,12 +128,14 @@ def listen_addresses(ns: str | None) -> list[str]:
 
 
 def start_listener(ns: str | None, ports, kind: str = "serve", addresses: list[str] | None = None,
-                   drop: bool | None = None) -> subprocess.Popen:
+                   drop: bool | None = None, device: str | None = None) -> subprocess.Popen:
     """A listener on each of `addresses` (default: see listen_addresses) in `ns`, on each port;
-    ready when this returns. On a real host (ns None) it drops root to nobody once bound."""
+    ready when this returns. On a real host (ns None) it drops root to nobody once bound.
+    `device`: bind the sockets to it first (SO_BINDTODEVICE; a VRF master puts them in its VRF)."""
     addresses = list(addresses) if addresses else listen_addresses(ns)
     drop = (ns is None) if drop is None else drop
     args = [kind, *map(str, ports), "--bind", ",".join(addresses)] + (["--drop"] if drop else [])
+    args += ["--device", device] if device else []
     proc = subprocess.Popen(_argv(ns, *args), stdout=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
@@ -139,9 +145,25 @@ def start_listener(ns: str | None, ports, kind: str = "serve", addresses: list[s
     return proc
 
 
-def connect_from(ns: str | None, host: str, port: int, proto: str = "tcp") -> str:
-    """Connect from `ns`, send a line, expect it back; returns "ok" or "refused"."""
-    out = subprocess.run(_argv(ns, "connect", host, str(port), "--proto", proto),
+@dataclass(frozen=True)
+class SocketOptions:
+    """What a client socket is given before connect(): each changes the route the kernel picks."""
+    device: str | None = None     # SO_BINDTODEVICE: the lookup's oif
+    mark: int | None = None       # SO_MARK: the lookup's fwmark (policy rules match it)
+    source: str | None = None     # bind() to this address first: the lookup's saddr
+    timeout: float = 5.0          # seconds connect() may take ("timeout" when it does not complete)
+
+    def argv(self) -> list[str]:
+        return ([*(["--device", self.device] if self.device else []),
+                 *(["--mark", str(self.mark)] if self.mark is not None else []),
+                 *(["--source", self.source] if self.source else []), "--timeout", str(self.timeout)])
+
+
+def connect_from(ns: str | None, host: str, port: int, proto: str = "tcp",
+                 options: SocketOptions | None = None) -> str:
+    """Connect from `ns`, send a line, expect it back; returns "ok", "refused" or (with a
+    client that could not reach anyone) "timeout", "unreachable"."""
+    out = subprocess.run(_argv(ns, "connect", host, str(port), "--proto", proto, *(options or SocketOptions()).argv()),
                          capture_output=True, text=True, check=False, timeout=30)
     if out.returncode != 0:
         raise EnvironmentProblem(f"client to {host}:{port} failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -157,10 +179,13 @@ MAX_CONNECTIONS = 256          # served at once; more are closed at accept
 CONNECTION_TIMEOUT_S = 5
 
 
-def _bound(addr: str, port: int, kind: int) -> socket.socket:
+def _bound(addr: str, port: int, kind: int, device: str | None = None) -> socket.socket:
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     sock = socket.socket(family, kind)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if device:
+        # Before bind(): in a VRF the address is looked up in the VRF's table.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     sock.bind((addr, port))
@@ -193,14 +218,15 @@ def _one_reply(conn: socket.socket, slots) -> None:
         slots.release()
 
 
-def serve(ports: list[int], addresses: list[str] = ("0.0.0.0",), drop: bool = False) -> None:
+def serve(ports: list[int], addresses: list[str] = ("0.0.0.0",), drop: bool = False,
+          device: str | None = None) -> None:
     import selectors
     import threading
     sel = selectors.DefaultSelector()
     for port in ports:
         for addr in addresses:
-            sel.register(_bound(addr, port, socket.SOCK_STREAM), selectors.EVENT_READ, "tcp")
-            sel.register(_bound(addr, port, socket.SOCK_DGRAM), selectors.EVENT_READ, "udp")
+            sel.register(_bound(addr, port, socket.SOCK_STREAM, device), selectors.EVENT_READ, "tcp")
+            sel.register(_bound(addr, port, socket.SOCK_DGRAM, device), selectors.EVENT_READ, "udp")
     if drop:
         _drop_root()
     slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
@@ -225,7 +251,19 @@ def serve(ports: list[int], addresses: list[str] = ("0.0.0.0",), drop: bool = Fa
                     pass
 
 
-def connect(host: str, port: int, proto: str) -> str:
+def _configured(sock: socket.socket, options: SocketOptions) -> socket.socket:
+    if options.device:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, options.device.encode())
+    if options.mark is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, options.mark)
+    if options.source:
+        sock.bind((options.source, 0))
+    return sock
+
+
+def connect(host: str, port: int, proto: str, options: SocketOptions | None = None) -> str:
+    if options is not None and options != SocketOptions():
+        return _connect_with(host, port, options)
     if proto == "udp":
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(5)
@@ -242,6 +280,26 @@ def connect(host: str, port: int, proto: str) -> str:
             return "ok" if reply == MESSAGE else "bad reply"
     except ConnectionRefusedError:
         return "refused"
+
+
+def _connect_with(host: str, port: int, options: SocketOptions) -> str:
+    """A TCP client whose socket is bound, marked or sourced first: its connect() may leave
+    on another device and never complete (the SYNs are what is traced), so it is bounded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with _configured(socket.socket(family, socket.SOCK_STREAM), options) as s:
+        s.settimeout(options.timeout)
+        try:
+            s.connect((host, port))
+        except ConnectionRefusedError:
+            return "refused"
+        except TimeoutError:
+            return "timeout"
+        except OSError as exc:
+            if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+                return "unreachable"
+            raise
+        s.sendall(MESSAGE)
+        return "ok" if s.recv(65536) == MESSAGE else "bad reply"
 
 
 # ---- benchmark endpoints: base port = request/response echo, +1 = bulk sink, +2 = accept-close ----
@@ -335,10 +393,15 @@ def _main(argv: list[str]) -> int:
     s.add_argument("ports", type=int, nargs="+")
     s.add_argument("--bind", default="0.0.0.0", help="comma-separated addresses")
     s.add_argument("--drop", action="store_true", help="become nobody once bound")
+    s.add_argument("--device", help="SO_BINDTODEVICE before bind")
     c = sub.add_parser("connect")
     c.add_argument("host")
     c.add_argument("port", type=int)
     c.add_argument("--proto", choices=("tcp", "udp"), default="tcp")
+    c.add_argument("--device")
+    c.add_argument("--mark", type=int)
+    c.add_argument("--source")
+    c.add_argument("--timeout", type=float, default=5.0)
     bs = sub.add_parser("bench-serve")
     bs.add_argument("base", type=int)
     bs.add_argument("--bind", default="0.0.0.0")
@@ -350,14 +413,15 @@ def _main(argv: list[str]) -> int:
     bc.add_argument("seconds", type=float)
     args = parser.parse_args(argv)
     if args.cmd == "serve":
-        serve(args.ports, args.bind.split(","), args.drop)
+        serve(args.ports, args.bind.split(","), args.drop, args.device)
     elif args.cmd == "bench-serve":
         bench_serve(args.base, args.bind.split(","), args.drop)
     elif args.cmd == "bench-client":
         import json
         print(json.dumps(bench_client(args.mode, args.host, args.base, args.seconds)))
     else:
-        print(connect(args.host, args.port, args.proto))
+        print(connect(args.host, args.port, args.proto,
+                      SocketOptions(args.device, args.mark, args.source, args.timeout)))
     return 0
 
 

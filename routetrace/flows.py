@@ -176,6 +176,29 @@ class FlowTable:
         return sum(f.packets for f in self._flows.values()) + sum(a.packets for a in self.aggregates.values())
 
 
+# RT_TABLE_MAIN and RT_TABLE_LOCAL (include/uapi/linux/rtnetlink.h): without policy rules the
+# kernel merges them and reports main (254) for local routes too; any other table was chosen by
+# a rule (ip rule, the l3mdev rule of a VRF).
+MAIN_TABLES = frozenset({254, 255})
+
+
+class RouteKey(NamedTuple):
+    """One route the kernel gave a destination's packets: sockets with different options can
+    get different routes to one address."""
+    route_type: str | None
+    route_dev: str | None
+    route_loopback: bool | None     # IFF_LOOPBACK of the route's device; None: not recorded
+
+
+@dataclass
+class RouteSeen:
+    """The evidence for one route: the FIB's answers and where its packets were transmitted."""
+    fib_devs: set[str] = field(default_factory=set)
+    fib_tables: set[int] = field(default_factory=set)
+    xmit_devs: dict[str, int] = field(default_factory=dict)
+    other_devs: set[str] = field(default_factory=set)      # transmit devices without IFF_LOOPBACK
+
+
 @dataclass
 class DestinationSummary:
     daddr: str
@@ -187,38 +210,111 @@ class DestinationSummary:
     loopback_packets: int = 0           # decided by IFF_LOOPBACK, not by a device's name
     other_packets: int = 0
     other_devs: set[str] = field(default_factory=set)
+    routes: dict[RouteKey, RouteSeen] = field(default_factory=dict)
 
-    def _count(self, name: str, loopback: bool, packets: int) -> None:
+    def _count(self, route: RouteSeen, name: str, loopback: bool, packets: int) -> None:
         self.xmit_devs[name] = self.xmit_devs.get(name, 0) + packets
+        route.xmit_devs[name] = route.xmit_devs.get(name, 0) + packets
         if loopback:
             self.loopback_packets += packets
         else:
             self.other_packets += packets
             self.other_devs.add(name)
+            if packets:
+                route.other_devs.add(name)
+
+    def _route(self, route_type: str | None, route_dev: str | None, loopback: bool | None,
+               fib_dev: str | None, fib_table: int | None) -> RouteSeen:
+        if route_type:
+            self.route_types.add(route_type)
+        if route_dev:
+            self.route_devs.add(route_dev)
+        if fib_dev:
+            self.fib_devs.add(fib_dev)
+        seen = self.routes.setdefault(RouteKey(route_type, route_dev, loopback), RouteSeen())
+        if fib_dev:
+            seen.fib_devs.add(fib_dev)
+        if fib_table is not None:
+            seen.fib_tables.add(fib_table)
+        return seen
 
     def add(self, flow: Flow) -> None:
-        if flow.route_type:
-            self.route_types.add(flow.route_type)
-        if flow.route_dev:
-            self.route_devs.add(flow.route_dev)
-        if flow.fib_dev:
-            self.fib_devs.add(flow.fib_dev)
+        route = self._route(flow.route_type, flow.route_dev, flow.route_loopback, flow.fib_dev, flow.fib_table)
         for dev in devices_of(flow):
-            self._count(dev["name"], bool(dev["loopback"]), dev["packets"])
+            self._count(route, dev["name"], bool(dev["loopback"]), dev["packets"])
 
     def add_aggregate(self, agg: "Aggregate") -> None:
         k = agg.key
-        if k.route_type != "-":
-            self.route_types.add(k.route_type)
-        if k.route_dev != "-":
-            self.route_devs.add(k.route_dev)
-        if agg.fib_dev:
-            self.fib_devs.add(agg.fib_dev)
-        self._count(k.dev, k.loopback, agg.packets)
+        route = self._route(None if k.route_type == "-" else k.route_type,
+                            None if k.route_dev == "-" else k.route_dev, None, agg.fib_dev, None)
+        self._count(route, k.dev, k.loopback, agg.packets)
 
     @property
     def only_loopback(self) -> bool:
         return self.loopback_packets > 0 and self.other_packets == 0
+
+    @property
+    def explanation(self) -> str:
+        return explain(self)
+
+
+def _sent_on(xmit_devs: dict[str, int]) -> str:
+    return " ".join(f"{dev}:{n}" for dev, n in sorted(xmit_devs.items())) or "no device"
+
+
+def _on_loopback(key: RouteKey) -> bool:
+    # Recordings made before device identity carry no flag: then the name is all there is.
+    return key.route_loopback if key.route_loopback is not None else key.route_dev == "lo"
+
+
+def explain_route(daddr: str, kind: str, key: RouteKey, seen: RouteSeen) -> str:
+    """The kernel's behaviour for one route to daddr, and why, from the evidence alone: the route
+    type and device the packets carried, the FIB's answer (device, table) and the transmit devices.
+    The reasons are the kernel's code paths (README: "When own-address traffic does not take lo")."""
+    sent = f"sent on {_sent_on(seen.xmit_devs)}"
+    fib = "/".join(sorted(seen.fib_devs)) or "?"
+    tables = sorted(seen.fib_tables - MAIN_TABLES)
+    if key.route_type is None:
+        return f"{sent}; no route was seen on these packets (sent without a socket's route)"
+    if key.route_type == "LOCAL" and _on_loopback(key):
+        if kind == LOOPBACK:
+            why = (f"{'::1' if ':' in daddr else '127.0.0.0/8'} is a local route, and the kernel outputs local "
+                   f"routes through the loopback device")
+        elif kind == OWN:
+            why = (f"an address of this namespace (the local table names {fib}); the kernel outputs local "
+                   f"routes through the loopback device, not the device that holds the address")
+        else:
+            why = ("no interface holds this address, but a local route covers it (AnyIP: ip route add local "
+                   "PREFIX dev lo); the kernel outputs local routes through the loopback device")
+        if seen.other_devs:
+            # Not what the kernel does: the trace and the route disagree, and the reader must know.
+            return (f"LOCAL route on {key.route_dev}, yet {sent}: a LOCAL route's packets go through the loopback "
+                    f"device, so {'/'.join(sorted(seen.other_devs))} contradicts it")
+        return f"LOCAL route on {key.route_dev}: {why}; {sent}"
+    if key.route_type == "LOCAL":
+        return (f"LOCAL route on {key.route_dev}, not the loopback device: {key.route_dev} is the VRF (L3 master) "
+                f"of the device that holds the address, and stands in for lo in its VRF; {sent}")
+    route = f"{key.route_type} route via {key.route_dev or fib}"
+    if tables:
+        names = "/".join(str(t) for t in tables)
+        why = f"a policy rule (ip rule, e.g. a fwmark) chose table {names}, which routes it via {fib}"
+        if kind in (LOOPBACK, OWN):
+            why += ", so the local table never answered for this own address"
+        return f"{route}: {why}; {sent}"
+    if kind in (LOOPBACK, OWN):
+        return (f"{route}, not LOCAL: the lookup was tied to {fib} (a socket bound with SO_BINDTODEVICE, or an "
+                f"oif), so the local route on another device did not match and the own address is routed "
+                f"out like a remote one; {sent}")
+    return f"{route}: not an address of this namespace, so it leaves on its route's device; {sent}"
+
+
+def explain(d: DestinationSummary) -> str:
+    """Every route a destination's packets took, explained (one clause per route)."""
+    if d.loopback_packets + d.other_packets == 0:
+        return "no packets were seen for this destination"
+    return "; and ".join(explain_route(d.daddr, d.kind, key, seen) for key, seen in
+                         sorted(d.routes.items(), key=lambda kv: tuple(str(x) for x in kv[0])) if
+                         sum(seen.xmit_devs.values()) or len(d.routes) == 1)
 
 
 @dataclass
@@ -246,10 +342,9 @@ def verdict(flows: Iterable[Flow], own_addresses: Callable[[int], set[str]],
     own = [d for d in ordered if d.kind == OWN]
     wrong = [d for d in loop + own if not d.only_loopback]
     if wrong:
-        names = "; ".join(f"{d.daddr} ({d.kind}) sent on " +
-                          (" ".join(f"{dev}:{n}" for dev, n in sorted(d.xmit_devs.items())) or "no device") +
-                          (f" (not loopback: {'/'.join(sorted(d.other_devs))})" if d.other_devs else "")
-                          for d in wrong)
+        names = "; ".join(f"{d.daddr} ({d.kind}) sent on {_sent_on(d.xmit_devs)}" +
+                          (f" (not loopback: {'/'.join(sorted(d.other_devs))})" if d.other_devs else "") +
+                          f" [{d.explanation}]" for d in wrong)
         return Verdict(False, f"NOT the same path: {names}", ordered)
     if loop and own:
         devs = sorted({dev for d in loop + own for dev, n in d.xmit_devs.items() if n})

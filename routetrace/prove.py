@@ -24,6 +24,8 @@ from .flows import LOOPBACK, OWN, DestinationSummary
 from .probes import Filters
 from .record import TraceWriter
 from .render import devices, json_line, losses_line
+from .sanitize import text as safe_text
+from .scenarios import Prediction, predict
 from .session import Session
 
 CONTROL = "control"
@@ -47,11 +49,21 @@ class ProveRow:
     xmit_devs: dict[str, int] = field(default_factory=dict)
     ok: bool = False
     why: str = ""
+    prediction: Prediction | None = None     # what `ip route get` said before the traffic ran
+
+    @property
+    def prediction_agrees(self) -> bool | None:
+        """Whether the kernel's route per packet is the one ip route get predicted."""
+        if self.prediction is None or not self.route_types:
+            return None
+        return self.route_types == [self.prediction.route_type] and self.route_devs == [self.prediction.dev]
 
     def to_dict(self) -> dict:
         return {"daddr": self.target.addr, "kind": self.target.kind, "local_entry": self.target.local_entry,
                 "client": self.outcome, "fib_devs": self.fib_devs, "route_types": self.route_types,
-                "route_devs": self.route_devs, "xmit_devs": self.xmit_devs, "ok": self.ok, "why": self.why}
+                "route_devs": self.route_devs, "xmit_devs": self.xmit_devs,
+                "prediction": self.prediction.to_dict() if self.prediction else None,
+                "prediction_agrees": self.prediction_agrees, "ok": self.ok, "why": self.why}
 
 
 def local_table(ns: str | None) -> list[dict]:
@@ -82,36 +94,40 @@ def local_entry(addr: str, table: list[dict]) -> tuple[str | None, str | None]:
     return f"local {route['dst']} dev {route['dev']}", route["dev"]
 
 
-def judge(target: Target, outcome: str, flows: list[Flow], port: int) -> ProveRow:
+def judge(target: Target, outcome: str, flows: list[Flow], port: int,
+          prediction: Prediction | None = None) -> ProveRow:
     """One destination's row: both directions of its connection, as the kernel sent them, judged
-    by device identity (IFF_LOOPBACK), as the watch verdict is (flows.DestinationSummary)."""
+    by device identity (IFF_LOOPBACK) and explained by the verdict engine (flows.DestinationSummary),
+    as watch's verdict is."""
     mine = [f for f in flows if (f.daddr == target.addr and f.dport == port)
             or (f.saddr == target.addr and f.sport == port)]
     seen = DestinationSummary(target.addr, target.kind)
     for f in mine:
         seen.add(f)
-    row = ProveRow(target, outcome)
+    row = ProveRow(target, outcome, prediction=prediction)
     row.fib_devs = sorted({f.fib_dev for f in mine if f.fib_dev and f.daddr == target.addr})
     row.route_types = sorted(seen.route_types)
     row.route_devs = sorted(seen.route_devs)
     row.xmit_devs = dict(seen.xmit_devs)
     route_on_loopback = all(f.route_loopback if f.route_loopback is not None else f.route_dev == "lo"
                             for f in mine if f.route_type)
-    off_lo = sorted(seen.other_devs)
+    off_lo = sorted(dev for dev, n in seen.xmit_devs.items() if n and dev in seen.other_devs)
+    explanation = seen.explanation
     if seen.loopback_packets + seen.other_packets == 0:
-        row.ok, row.why = False, "no packets were seen for this destination"
+        row.ok, row.why = False, explanation
     elif target.kind == CONTROL:
         if off_lo and "LOCAL" not in row.route_types:
-            row.ok, row.why = True, f"left on {'/'.join(off_lo)}, as a non-local destination must"
+            row.ok, row.why = True, explanation
         else:
-            row.ok, row.why = False, "the control stayed on lo: the trace cannot tell local from non-local"
+            row.ok, row.why = False, f"the control stayed on lo, so the trace cannot tell local from non-local: {explanation}"
     elif off_lo:
-        row.ok, row.why = False, f"{seen.other_packets} packets left on {'/'.join(off_lo)}, not the loopback device"
+        row.ok, row.why = False, (f"{seen.other_packets} packets left on {'/'.join(off_lo)}, not the loopback "
+                                  f"device: {explanation}")
     elif row.route_types != ["LOCAL"] or not route_on_loopback:
         row.ok, row.why = False, (f"route type {'/'.join(row.route_types) or '?'} on "
-                                  f"{'/'.join(row.route_devs) or '?'}, not LOCAL on the loopback device")
+                                  f"{'/'.join(row.route_devs) or '?'}, not LOCAL on the loopback device: {explanation}")
     else:
-        row.ok, row.why = True, "LOCAL route, sent on lo"
+        row.ok, row.why = True, explanation
     return row
 
 
@@ -134,16 +150,24 @@ def verdict(rows: list[ProveRow]) -> tuple[int, str]:
     return 0, text
 
 
+def _predicted(row: ProveRow) -> str:
+    if row.prediction is None:
+        return "-"
+    said = f"{row.prediction.route_type} {row.prediction.dev}" if not row.prediction.error else row.prediction.describe()
+    return safe_text(said + (" (differs)" if row.prediction_agrees is False else ""))
+
+
 def render(rows: list[ProveRow], code: int, text: str, losses) -> str:
     table = []
     for r in rows:
         devs = dict(r.xmit_devs)
         for dev in filter(None, (r.target.owner_dev, "lo")):
             devs.setdefault(dev, 0)           # the zero is the evidence: show it
-        table.append((r.target.addr, r.target.kind, r.target.local_entry or "-", "/".join(r.fib_devs) or "-",
-                      "/".join(r.route_types) or "-", "/".join(r.route_devs) or "-", devices(devs),
-                      ("ok: " if r.ok else "FAILED: ") + r.why))
-    body = tabulate(table, headers=("DESTINATION", "KIND", "LOCAL TABLE", "FIB SAYS", "ROUTE TYPE",
+        table.append((r.target.addr, r.target.kind, safe_text(r.target.local_entry or "-"),
+                      safe_text("/".join(r.fib_devs) or "-"), _predicted(r), "/".join(r.route_types) or "-",
+                      safe_text("/".join(r.route_devs) or "-"), devices(devs),
+                      safe_text(("ok: " if r.ok else "FAILED: ") + r.why)))
+    body = tabulate(table, headers=("DESTINATION", "KIND", "LOCAL TABLE", "FIB SAYS", "IP ROUTE GET", "ROUTE TYPE",
                                     "ROUTE DEV", "PACKETS BY XMIT DEV", "RESULT"))
     return f"{body}\n\nverdict: {text}\n{losses_line(losses)}"
 
@@ -154,6 +178,8 @@ def run(plan, headers_path, *, ns: str | None, targets: list[Target], port: int,
     """Trace while a client reaches each target; print the rows and the verdict; return the exit code."""
     out, err = out or sys.stdout, err or sys.stderr
     expected = "refused" if closed else "ok"
+    # Asked before the traffic: the kernel's answer for a plain socket, beside what it then did.
+    predictions = {t.addr: predict(ns, t.addr) for t in targets}
     recorder = TraceWriter(record, force=force) if record else None
     with Session(plan, headers_path, recorder) as session:
         print(f"Tracing ({plan.backend} plan) while a {proto.upper()} client reaches "
@@ -167,7 +193,7 @@ def run(plan, headers_path, *, ns: str | None, targets: list[Target], port: int,
         result, _late = session.finish()
     rows = []
     for target in targets:
-        row = judge(target, outcomes[target.addr], result.flows, port)
+        row = judge(target, outcomes[target.addr], result.flows, port, predictions[target.addr])
         if outcomes[target.addr] != expected:
             row.ok, row.why = False, f"the client got {outcomes[target.addr]!r}, expected {expected!r}"
         rows.append(row)

@@ -64,8 +64,10 @@ def verdict_table(v: Verdict) -> str:
     rows = [(d.daddr, d.kind, text("/".join(sorted(d.fib_devs)) or "-"),
              "/".join(sorted(d.route_types)) or "-", text("/".join(sorted(d.route_devs)) or "-"),
              devices(d.xmit_devs)) for d in v.destinations]
-    return tabulate(rows, headers=("DESTINATION", "KIND", "FIB SAYS", "ROUTE TYPE", "ROUTE DEV", "SENT ON"),
-                    disable_numparse=True)
+    table = tabulate(rows, headers=("DESTINATION", "KIND", "FIB SAYS", "ROUTE TYPE", "ROUTE DEV", "SENT ON"),
+                     disable_numparse=True)
+    # The verdict engine's reason for each destination (flows.explain), under the evidence.
+    return table + "\n\nwhy:\n" + "\n".join(f"  {d.daddr}: {text(d.explanation)}" for d in v.destinations)
 
 
 def losses_line(losses: LossCounters | None) -> str:
@@ -120,7 +122,7 @@ def summary_object(flows: list[Flow], v: Verdict, losses: LossCounters, table=No
         "destinations": [{"daddr": d.daddr, "kind": d.kind, "fib_devs": sorted(d.fib_devs),
                           "route_types": sorted(d.route_types), "route_devs": sorted(d.route_devs),
                           "xmit_devs": d.xmit_devs, "loopback_packets": d.loopback_packets,
-                          "other_packets": d.other_packets} for d in v.destinations],
+                          "other_packets": d.other_packets, "explanation": d.explanation} for d in v.destinations],
         "verdict": {"holds": v.holds, "text": v.text},
         "lost": losses.to_dict(),
     }

@@ -53,7 +53,9 @@ def test_flows_that_left_on_a_physical_device_exit_1_and_name_the_row(flows):
     rows = [judge(t, "ok", flows, PORT) for t in TARGETS]
     code, text = verdict(rows)
     assert code == 1
-    assert text == "the claim did NOT hold: 198.51.100.1 (own-address): 5 packets left on eth0, not the loopback device"
+    assert text == ("the claim did NOT hold: 198.51.100.1 (own-address): 5 packets left on eth0, not the loopback "
+                    "device: LOCAL route on lo, yet sent on eth0:5 lo:5: a LOCAL route's packets go through the "
+                    "loopback device, so eth0 contradicts it")
     assert "FAILED: 5 packets left on eth0, not the loopback device" in render(rows, code, text, None)
 
 

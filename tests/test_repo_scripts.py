@@ -179,9 +179,10 @@ def test_vagrant_demo_runs_on_a_nic_address(sandbox):
     row = next(line for line in out.stdout.splitlines() if line.startswith("198.51.100.1 "))
     assert "LOCAL" in row and "eth0:0 lo:" in row and "ok:" in row
     control = next(line for line in out.stdout.splitlines() if line.startswith("198.51.100.66 "))
-    assert "control" in control and "UNICAST" in control and "ok: left on rtdemo" in control
-    _addr, _kind, _entry, fib_says, _rtype, route_dev, *_ = control.split()
+    assert "control" in control and "UNICAST" in control and "ok: UNICAST route via rtdemo" in control
+    _addr, _kind, _entry, fib_says, predicted_type, predicted_dev, _rtype, route_dev, *_ = control.split()
     assert fib_says == route_dev      # the FIB answer of this namespace, not the peer's
+    assert (predicted_type, predicted_dev) == ("UNICAST", route_dev)    # ip route get, asked beforehand
     assert "the non-local control left on its real device" in out.stdout
     tail = out.stdout.strip().splitlines()[-1]
     assert tail.startswith("== tcpdump, port 8888, while that ran: eth0 0 packets, lo ")

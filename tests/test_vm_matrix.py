@@ -264,6 +264,57 @@ def test_ipv6_loopback_and_own_address_take_a_local_route_on_lo_and_the_peer_its
         assert flow["xmit_devs"] == {"lo": 1}, flow
 
 
+# ---- issue 11: where own-address traffic does not take lo (routetrace/scenarios.py) ------------
+# One more sandbox in the same trace, built into the scenarios' network (eth1 with a default
+# route, a down eth2, AnyIP, a fwmark rule, a VRF where the kernel has one; the peer's veth end
+# is p0). Each scenario is its own test, judged by the same code as `prove --scenarios`.
+from routetrace.scenarios import NO_VRF, SCENARIOS as ROUTE_SCENARIOS  # noqa: E402
+
+ROUTE_EXCEPTIONS_PORT = 8892
+
+
+def _scenario_route_exceptions(sb):
+    from routetrace.scenarios import ScenarioNet
+    net = ScenarioNet.build(sb, ROUTE_EXCEPTIONS_PORT)
+    return {"net": net, "predictions": net.predict_all(), "clients": net.play_all(ROUTE_EXCEPTIONS_PORT)}
+
+
+SCENARIOS["route_exceptions"] = _scenario_route_exceptions
+
+
+def route_exception_row(run: MatrixRun, name: str):
+    from routetrace.record import _flow_from
+    from routetrace.scenarios import BY_NAME, row_for
+    sc = run.scenarios["route_exceptions"]
+    flows = [_flow_from(f) for f in run.summary["flows"]]
+    return row_for(sc.outcome["net"], BY_NAME[name], flows, ROUTE_EXCEPTIONS_PORT,
+                   sc.outcome["clients"].get(name, ""), sc.outcome["predictions"].get(name)), flows
+
+
+@in_every_vm
+@pytest.mark.parametrize("name", [s.name for s in ROUTE_SCENARIOS])
+def test_route_exception_scenario_per_flow(matrix, name):
+    row, flows = route_exception_row(matrix, name)
+    scenario = row.scenario
+    if row.unavailable:
+        # Never a silent skip: the row says why, and this kernel truly cannot have the feature.
+        assert scenario.needs == "vrf" and row.unavailable.startswith(NO_VRF), row.to_dict()
+        from routetrace.scenarios import vrf_driver_present
+        assert not vrf_driver_present(), f"{os.uname().release} has vrf, yet: {row.unavailable}"
+        return
+    from routetrace import netns
+    from routetrace.scenarios import client_flows
+    net = matrix.scenarios["route_exceptions"].outcome["net"]
+    mine = client_flows(flows, scenario, netns.inode_of(net.ns(scenario.client_ns)), ROUTE_EXCEPTIONS_PORT)
+    assert mine, f"no flow for {name}"
+    for flow in mine:
+        assert (flow.route_type, flow.route_dev) == (scenario.route_type, scenario.route_dev), flow
+        assert set(flow.xmit_devs) <= scenario.xmit_devs and all(flow.xmit_devs.values()), flow
+        assert flow.route_loopback in (None, scenario.route_loopback), flow
+    assert set().union(*(f.xmit_devs for f in mine)) == scenario.xmit_devs
+    assert row.agrees is True and not row.problems, row.to_dict()
+
+
 # ---- scripts/vm-test itself, with a stand-in for vng: no VM is booted ---------------------------
 
 FAKE_VNG = """#!/bin/sh
