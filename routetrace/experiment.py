@@ -10,7 +10,6 @@ import argparse
 import errno
 import secrets
 import socket
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -73,9 +72,9 @@ class Sandbox:
         return (f"sandbox: namespaces {self.host} (eth0 {self.own_addr}/{PREFIX} {self.own_addr6}/{PREFIX6}) and "
                 f"{self.peer} (eth0 {self.peer_addr}/{PREFIX} {self.peer_addr6}/{PREFIX6}), removed on exit")
 
-    def serve(self, ns: str | None, *ports: int, kind: str = "serve", addresses: list[str] | None = None,
+    def serve(self, ns: str | None, *ports: int, addresses: list[str] | None = None,
               device: str | None = None) -> None:
-        self._procs.append(start_listener(ns, ports, kind, addresses=addresses, device=device))
+        self._procs.append(start_listener(ns, ports, addresses=addresses, device=device))
 
     def connect(self, ns: str | None, host: str, port: int, proto: str = "tcp",
                 options: "SocketOptions | None" = None) -> str:
@@ -104,16 +103,6 @@ def _argv(ns: str | None, *args: str) -> list[str]:
     return [*prefix, sys.executable, "-m", "routetrace.experiment", *args]
 
 
-def bench_slice(ns: str | None, mode: str, host: str, base: int, seconds: float) -> dict:
-    import json
-    out = subprocess.run(_argv(ns, "bench-client", mode, host, str(base), str(seconds)),
-                         capture_output=True, text=True, check=False, timeout=seconds + 60)
-    if out.returncode != 0:
-        raise EnvironmentProblem(f"benchmark client ({mode} to {host}) failed: "
-                                 f"{(out.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(out.stdout)
-
-
 def stop_process(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
@@ -127,14 +116,14 @@ def listen_addresses(ns: str | None) -> list[str]:
     return ["127.0.0.1", *netns.own_ipv4(netns.inode_of(ns))]
 
 
-def start_listener(ns: str | None, ports, kind: str = "serve", addresses: list[str] | None = None,
+def start_listener(ns: str | None, ports, addresses: list[str] | None = None,
                    drop: bool | None = None, device: str | None = None) -> subprocess.Popen:
     """A listener on each of `addresses` (default: see listen_addresses) in `ns`, on each port;
     ready when this returns. On a real host (ns None) it drops root to nobody once bound.
     `device`: bind the sockets to it first (SO_BINDTODEVICE; a VRF master puts them in its VRF)."""
     addresses = list(addresses) if addresses else listen_addresses(ns)
     drop = (ns is None) if drop is None else drop
-    args = [kind, *map(str, ports), "--bind", ",".join(addresses)] + (["--drop"] if drop else [])
+    args = ["serve", *map(str, ports), "--bind", ",".join(addresses)] + (["--drop"] if drop else [])
     args += ["--device", device] if device else []
     proc = subprocess.Popen(_argv(ns, *args), stdout=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "ready":
@@ -198,9 +187,8 @@ def _drop_root() -> None:
     """A helper on a real host needs root only to bind: then it is nobody, with nothing."""
     import os
     if os.geteuid() == 0:
-        from .privileges import drop_privileges, nobody
-        uid, gid = nobody()
-        drop_privileges(uid=uid, gid=gid)
+        from .privileges import drop_to_nobody
+        drop_to_nobody()
 
 
 def _one_reply(conn: socket.socket, slots) -> None:
@@ -302,90 +290,6 @@ def _connect_with(host: str, port: int, options: SocketOptions) -> str:
         return "ok" if s.recv(65536) == MESSAGE else "bad reply"
 
 
-# ---- benchmark endpoints: base port = request/response echo, +1 = bulk sink, +2 = accept-close ----
-
-BULK_CHUNK = 64 * 1024
-
-
-def _echo(conn: socket.socket) -> None:
-    with conn:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        while data := conn.recv(4096):
-            conn.sendall(data)
-
-
-def _sink(conn: socket.socket) -> None:
-    with conn:
-        total = 0
-        while data := conn.recv(1 << 20):
-            total += len(data)
-        conn.sendall(str(total).encode())
-
-
-def bench_serve(base: int, addresses: list[str] = ("0.0.0.0",), drop: bool = False) -> None:
-    import threading
-
-    def accept_loop(sock, handler):
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                continue
-            if handler is None:
-                conn.close()
-            else:
-                threading.Thread(target=handler, args=(conn,), daemon=True).start()
-
-    socks = [(_bound(addr, base + offset, socket.SOCK_STREAM), handler)
-             for offset, handler in ((0, _echo), (1, _sink), (2, None)) for addr in addresses]
-    if drop:
-        _drop_root()
-    for sock, handler in socks[1:]:
-        threading.Thread(target=accept_loop, args=(sock, handler), daemon=True).start()
-    print("ready", flush=True)
-    accept_loop(*socks[0])
-
-
-def bench_client(mode: str, host: str, base: int, seconds: float) -> dict:
-    """One timed slice. rr: 1-byte ping-pong latencies; bulk: bytes/s one way; conn: connects/s."""
-    from time import perf_counter, perf_counter_ns
-    end = perf_counter() + seconds
-    if mode == "rr":
-        lat = []
-        with socket.create_connection((host, base)) as s:
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            while perf_counter() < end:
-                t0 = perf_counter_ns()
-                s.sendall(b"x")
-                s.recv(1)
-                lat.append(perf_counter_ns() - t0)
-        lat.sort()
-        return {"ops": len(lat), "p50_us": lat[len(lat) // 2] / 1e3,
-                "p99_us": lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1e3}
-    if mode == "bulk":
-        chunk = b"\0" * BULK_CHUNK
-        with socket.create_connection((host, base + 1)) as s:
-            start, sent = perf_counter(), 0
-            while perf_counter() < end:
-                s.sendall(chunk)
-                sent += len(chunk)
-            s.shutdown(socket.SHUT_WR)
-            acked = int(s.recv(64))
-            elapsed = perf_counter() - start
-        return {"bytes": acked, "mb_per_s": acked / elapsed / 1e6}
-    # Close with RST (linger 0): no TIME_WAIT piles up, so ephemeral ports never run out and
-    # late rounds measure the same thing as early ones.
-    linger = struct.pack("ii", 1, 0)
-    count, start = 0, perf_counter()
-    while perf_counter() < end:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-        s.connect((host, base + 2))
-        s.close()
-        count += 1
-    return {"connections": count, "per_s": count / (perf_counter() - start)}
-
-
 def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="routetrace.experiment")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -402,23 +306,9 @@ def _main(argv: list[str]) -> int:
     c.add_argument("--mark", type=int)
     c.add_argument("--source")
     c.add_argument("--timeout", type=float, default=5.0)
-    bs = sub.add_parser("bench-serve")
-    bs.add_argument("base", type=int)
-    bs.add_argument("--bind", default="0.0.0.0")
-    bs.add_argument("--drop", action="store_true")
-    bc = sub.add_parser("bench-client")
-    bc.add_argument("mode", choices=("rr", "bulk", "conn"))
-    bc.add_argument("host")
-    bc.add_argument("base", type=int)
-    bc.add_argument("seconds", type=float)
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         serve(args.ports, args.bind.split(","), args.drop, args.device)
-    elif args.cmd == "bench-serve":
-        bench_serve(args.base, args.bind.split(","), args.drop)
-    elif args.cmd == "bench-client":
-        import json
-        print(json.dumps(bench_client(args.mode, args.host, args.base, args.seconds)))
     else:
         print(connect(args.host, args.port, args.proto,
                       SocketOptions(args.device, args.mark, args.source, args.timeout)))

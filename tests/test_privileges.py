@@ -180,12 +180,6 @@ def test_host_helpers_bind_only_the_addresses_given_serve_concurrently_and_drop_
             s.close()
     finally:
         experiment.stop_process(proc)
-    bench = experiment.start_listener(None, [19110], "bench-serve", addresses=["127.0.0.1"])
-    try:
-        assert privileges.status(bench.pid)["Uid"] == [65534] * 4
-        assert experiment.bench_client("rr", "127.0.0.1", 19110, 0.2)["ops"] > 0
-    finally:
-        experiment.stop_process(bench)
 
 
 CAPSH_CAPS = "cap_bpf,cap_perfmon,cap_dac_read_search"
