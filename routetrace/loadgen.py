@@ -32,11 +32,12 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import privileges
+from . import netns, privileges, sanitize
 from .errors import EnvironmentProblem, RoutetraceError
 from .experiment import stop_process
 
@@ -268,8 +269,167 @@ def _last_line(text: str) -> str:
     return (text.strip().splitlines() or ["?"])[-1]
 
 
+@dataclass(frozen=True)
+class Served:
+    """A socket a server of bench's must hold: a listening TCP or a bound UDP socket on `port`
+    at `address` (None: a wildcard whose family the tool picks, iperf3 without -B)."""
+    proto: str                  # "tcp" or "udp"
+    port: int
+    address: str | None
+
+    def describe(self) -> str:
+        return f"{self.proto.upper()} port {self.port}" + (f" on {self.address}" if self.address else "")
+
+
+@dataclass(frozen=True)
+class TableSocket:
+    """One row of the namespace's /proc/net/{tcp,udp}{,6}: a listening TCP socket or an
+    unconnected UDP one (what a server holds), with the inode that names its owner's fd."""
+    proto: str
+    address: str
+    port: int
+    inode: int
+
+
+_PROC_NET = ("tcp", "tcp6", "udp", "udp6")
+_TCP_LISTEN, _UDP_UNCONNECTED = "0A", "07"
+
+
+def _proc_net_address(hex_address: str) -> str:
+    """/proc/net prints each 32-bit word of the address as a number in host byte order."""
+    raw = b"".join(struct.pack("=I", int(hex_address[i:i + 8], 16)) for i in range(0, len(hex_address), 8))
+    ip = ipaddress.ip_address(raw)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def _read_proc_net(ns: str | None) -> list[tuple[str, str]]:
+    """(file name, row) of /proc/net/{tcp,udp}{,6} in namespace `ns` (None: this one). A named
+    namespace is read from a thread that entered it (setns; a network namespace is per thread and
+    /proc/thread-self/net shows the thread's): no process to start, nothing needed on PATH."""
+    def read(root: str) -> list[tuple[str, str]]:
+        rows = []
+        for name in _PROC_NET:
+            with contextlib.suppress(FileNotFoundError):      # no IPv6 in this kernel
+                with open(f"{root}/{name}") as fh:
+                    rows += [(name, line) for line in fh]
+        return rows
+
+    if not ns:
+        return read("/proc/self/net")
+    got: dict = {}
+
+    def in_namespace():
+        try:
+            fd = os.open(netns.NETNS_RUN_DIR / ns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                privileges._setns(fd)
+            finally:
+                os.close(fd)
+            got["rows"] = read("/proc/thread-self/net")
+        except OSError as exc:
+            got["error"] = exc
+
+    thread = threading.Thread(target=in_namespace, name="routetrace-netns-reader")
+    thread.start()
+    thread.join()                       # its namespace goes with it; this process's is untouched
+    if "error" in got:
+        raise EnvironmentProblem(f"cannot read the sockets of namespace {ns}: {got['error'].strerror or got['error']}")
+    return got["rows"]
+
+
+def socket_table(ns: str | None) -> list[TableSocket]:
+    """Every listening TCP and unconnected UDP socket in namespace `ns` (None: this one)."""
+    table = []
+    for name, line in _read_proc_net(ns):
+        fields = line.split()
+        if len(fields) < 10 or not fields[0].endswith(":") or ":" not in fields[1]:
+            continue                                          # the header
+        proto = "tcp" if name.startswith("tcp") else "udp"
+        if fields[3] != (_TCP_LISTEN if proto == "tcp" else _UDP_UNCONNECTED):
+            continue
+        address, port = fields[1].split(":")
+        table.append(TableSocket(proto, _proc_net_address(address), int(port, 16), int(fields[9])))
+    return table
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    """The sockets process `pid` holds open; PermissionError when its fds are not ours to read."""
+    inodes = set()
+    fds = f"/proc/{pid}/fd"
+    for fd in os.listdir(fds):
+        with contextlib.suppress(OSError):                    # closed while we looked
+            m = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(f"{fds}/{fd}"))
+            if m:
+                inodes.add(int(m.group(1)))
+    return inodes
+
+
+def _holders(inode: int) -> list[int]:
+    """The processes holding socket `inode` (those whose fds this process may read)."""
+    link = f"socket:[{inode}]"
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            fds = f"/proc/{entry}/fd"
+            if any(os.readlink(f"{fds}/{fd}") == link for fd in os.listdir(fds)):
+                pids.append(int(entry))
+    return pids
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return int(next(line for line in fh if line.startswith("PPid:")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def _descends_from(pid: int, roots: set[int]) -> bool:
+    while pid > 1:
+        if pid in roots:
+            return True
+        pid = _parent(pid)
+    return False
+
+
+def _program_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return sanitize.text(fh.read().strip())           # any user names their process
+    except OSError:
+        return "?"
+
+
+def _same_address(a: str, b: str) -> bool:
+    return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+
+
+def _overlaps(ours: str | None, theirs: str) -> bool:
+    """Whether a socket bound to `theirs` can take traffic meant for our server at `ours`: the
+    same address, or a wildcard of its family covering it; an IPv6 wildcard may cover IPv4 too
+    (dual-stack, which /proc/net does not show), so it counts as covering both."""
+    if ours is None:
+        return True
+    a, b = ipaddress.ip_address(ours), ipaddress.ip_address(theirs)
+    if a == b:
+        return True
+    return any(w.is_unspecified and (w.version == other.version or w.version == 6)
+               for w, other in ((a, b), (b, a)))
+
+
 class Servers:
-    """Every server the chosen tools need, in namespace `ns`, stopped on exit."""
+    """Every server the chosen tools need, in namespace `ns`, stopped on exit.
+
+    A server is up when the socket on its port belongs to it, not when anything listens there: on
+    a shared host another user may hold the port (a server of ours that failed to bind must not
+    hide behind theirs, nor bench measure theirs), so each server's sockets are matched by inode
+    between the namespace's /proc/net tables and /proc/PID/fd of the process bench started (the
+    tool itself: ip netns exec, the wrapper and taskset all exec; neither sockperf nor iperf3
+    forks, and a socket held by a child of ours would still count as ours)."""
 
     def __init__(self, ns: str | None, base: int, tools: dict[int, dict[str, str]], pin: Pinning = Pinning(),
                  addresses: list[str] | None = None):
@@ -280,36 +440,37 @@ class Servers:
         self.binds: list[tuple[int, str | None]] = (
             [(family_of(a), a) for a in addresses] if addresses else [(f, None) for f in sorted(tools)])
         self.procs: list[subprocess.Popen] = []
+        self.served: list[Served] = []
         self._tmp = tempfile.TemporaryDirectory(prefix="routetrace-bench-")
 
     def __enter__(self) -> "Servers":
         try:
             p = self.base
-            listeners = {p + PORT_SOCKPERF: 0, p + PORT_IPERF3: 0}     # TCP listeners to wait for
             wildcard_iperf3 = False
             for family, addr in self.binds:
                 tools = self.tools[family]
                 used = set(tools.values())
+                at = addr or ("::" if family == 6 else "0.0.0.0")      # where each server listens
                 if "sockperf" in used:
                     # no -i: sockperf's default, 0.0.0.0; an IPv6 wildcard must be named
                     on = ["-i", addr] if addr else (["-i", "::"] if family == 6 else [])
-                    self._spawn(["sockperf", "sr", "--tcp", "-p", str(p + PORT_SOCKPERF), *on], f"sockperf TCP :{p}")
-                    self._spawn(["sockperf", "sr", "-p", str(p + PORT_SOCKPERF), *on], f"sockperf UDP :{p}")
-                    listeners[p + PORT_SOCKPERF] += 1
+                    self._spawn(["sockperf", "sr", "--tcp", "-p", str(p + PORT_SOCKPERF), *on], f"sockperf TCP :{p}",
+                                [Served("tcp", p + PORT_SOCKPERF, at)])
+                    self._spawn(["sockperf", "sr", "-p", str(p + PORT_SOCKPERF), *on], f"sockperf UDP :{p}",
+                                [Served("udp", p + PORT_SOCKPERF, at)])
                 if "iperf3" in used and not wildcard_iperf3:
                     # iperf3 without -B listens on [::] for both families: one serves every wildcard
                     wildcard_iperf3 = addr is None
                     self._spawn(["iperf3", "-s", "-p", str(p + PORT_IPERF3), *([] if addr is None else ["-B", addr])],
-                                f"iperf3 :{p + PORT_IPERF3}")
-                    listeners[p + PORT_IPERF3] += 1
-                bind = ["--bind", addr or ("::" if family == 6 else "0.0.0.0")]
+                                f"iperf3 :{p + PORT_IPERF3}", [Served("tcp", p + PORT_IPERF3, addr)])
                 # Python: accept-and-close for connection rate, echo and sink for the fallbacks.
-                self._spawn(_python_argv("serve", str(p), "--accept-only", *bind), "python acceptor", ready_line=True)
+                self._spawn(_python_argv("serve", str(p), "--accept-only", "--bind", at), "python acceptor",
+                            [Served("tcp", p + PORT_ACCEPT, at)], ready_line=True)
                 if "python" in set(tools[m] for m in tools if m != "conn"):
-                    self._spawn(_python_argv("serve", str(p), *bind), "python echo and sink", ready_line=True)
-            for port, count in listeners.items():
-                if count:
-                    self._wait_port(port, count)
+                    self._spawn(_python_argv("serve", str(p), "--bind", at), "python echo and sink",
+                                [Served("tcp", p + PORT_ECHO, at), Served("udp", p + PORT_ECHO, at),
+                                 Served("tcp", p + PORT_SINK, at)], ready_line=True)
+            self._wait_served()
         except BaseException:
             self.__exit__()
             raise
@@ -319,18 +480,22 @@ class Servers:
         for proc in self.procs:
             stop_process(proc)
         self.procs.clear()
+        self.served.clear()
         self._tmp.cleanup()
 
-    def _spawn(self, argv, what, ready_line=False):
+    def _spawn(self, argv, what, serves: list[Served], ready_line=False):
         # stderr to a file bench reads only if the server fails: a pipe nobody drains could block it
         with open(Path(self._tmp.name) / f"server-{len(self.procs)}.err", "w+") as err:
             proc = subprocess.Popen(load_command(self.ns, self.pin.server, argv), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
                                     stderr=err, text=True)
         self.procs.append(proc)
+        self.served += serves
         if ready_line and proc.stdout.readline().strip() != "ready":
+            self._raise_if_taken()
             raise EnvironmentProblem(f"{what} did not start: {self._why(proc)}")
         if proc.poll() is not None:
+            self._raise_if_taken()
             raise EnvironmentProblem(f"{what} exited at once: {self._why(proc)}")
 
     def _why(self, proc: subprocess.Popen) -> str:
@@ -346,20 +511,67 @@ class Servers:
             said = "?"
         return said if said != "?" else f"no message (ports {self.base}..{self.base + PORTS_USED - 1} in use?)"
 
-    def _wait_port(self, port: int, count: int = 1, timeout: float = 5.0) -> None:
-        """TCP servers are up when the namespace lists their `count` sockets on `port` (no
-        connection, no traffic)."""
+    def _our_sockets(self) -> set[int]:
+        inodes = set()
+        for proc in self.procs:
+            if proc.poll() is not None:
+                continue
+            try:
+                inodes |= _socket_inodes(proc.pid)
+            except PermissionError:
+                raise EnvironmentProblem(
+                    f"cannot read /proc/{proc.pid}/fd of bench's own server, so cannot tell its sockets from "
+                    "another process's: run bench as root or as a user without capabilities") from None
+            except OSError:
+                continue                                      # exited while we looked
+        return inodes
+
+    def _survey(self) -> tuple[list[Served], list[tuple[Served, TableSocket]]]:
+        """(our sockets not up yet, sockets of another process that would take their traffic)."""
+        table = socket_table(self.ns)
+        ours = self._our_sockets()            # after the table: a socket has its fd before it listens
+        missing = [s for s in self.served
+                   if not any(t.inode in ours and t.proto == s.proto and t.port == s.port
+                              and (s.address is None or _same_address(t.address, s.address)) for t in table)]
+        suspects = [(s, t) for s in self.served for t in table
+                    if t.inode not in ours and t.proto == s.proto and t.port == s.port and _overlaps(s.address, t.address)]
+        held_by_us = {t.inode: self._held_by_us(t.inode) for _s, t in suspects}    # rare: scans /proc
+        return missing, [(s, t) for s, t in suspects if not held_by_us[t.inode]]
+
+    def _held_by_us(self, inode: int) -> bool:
+        """A socket not in our servers' own fds: still ours if a child of one of them holds it."""
+        roots = {p.pid for p in self.procs if p.poll() is None}
+        return any(_descends_from(pid, roots) for pid in _holders(inode))
+
+    def _taken_message(self, served: Served, sock: TableSocket) -> str:
+        holders = _holders(sock.inode)
+        who = ("pid " + ", ".join(f"{pid} ({_program_name(pid)})" for pid in holders)) if holders else "pid unknown"
+        where = f" in namespace {self.ns}" if self.ns else ""
+        return (f"{served.proto.upper()} port {served.port}{where} is held by another process ({who}, bound to "
+                f"{sock.address}), not by the server bench started: stop it or choose another base port with --port")
+
+    def _raise_if_taken(self) -> None:
+        """A server failed: if another process holds one of our ports, say that (and which)."""
+        _missing, foreign = self._survey()
+        if foreign:
+            raise EnvironmentProblem(self._taken_message(*foreign[0]))
+
+    def _wait_served(self, timeout: float = 5.0) -> None:
+        """Up when every socket the servers need is listening (or bound) and is theirs, and no
+        other process holds one that would take their traffic (no connection, no traffic)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = subprocess.run([*_in_namespace(self.ns), "ss", "-Hltn", f"sport = :{port}"],
-                                 capture_output=True, text=True, check=False)
-            if len(out.stdout.strip().splitlines()) >= count:
+        while True:
+            missing, foreign = self._survey()
+            if foreign:
+                raise EnvironmentProblem(self._taken_message(*foreign[0]))
+            if not missing:
                 return
             gone = next((p for p in self.procs if p.poll() is not None), None)
             if gone is not None:
                 raise EnvironmentProblem(f"a benchmark server exited at once: {self._why(gone)}")
+            if time.monotonic() > deadline:
+                raise EnvironmentProblem(f"no server of bench's on {missing[0].describe()} after {timeout:g}s")
             time.sleep(0.05)
-        raise EnvironmentProblem(f"no server listening on port {port} after {timeout:g}s")
 
 
 def _run(argv: list[str], timeout: float, what: str) -> str:
@@ -453,7 +665,6 @@ def serve(base: int, accept_only: bool = False, bind: str = "0.0.0.0") -> None:
     bind: the one address to listen on (a wildcard, 0.0.0.0 or ::, only inside a sandbox
     namespace). Once bound, and before any thread starts (credentials are per thread), the
     process is nobody; "ready" says both."""
-    import threading
     family = _socket_family(bind)
 
     def bound(kind, port):
