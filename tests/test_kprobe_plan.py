@@ -88,9 +88,12 @@ def test_dry_run_prints_the_plan_without_root(capsys, monkeypatch):
 
 
 @pytest.mark.bpf
-def test_kprobe_programs_pass_this_kernels_verifier(bpf_ready):
-    """This kernel cannot attach kprobes, but its verifier can still check the programs."""
+@pytest.mark.parametrize("prefer_lookup", ["0", "1"])
+def test_kprobe_programs_pass_this_kernels_verifier(bpf_ready, monkeypatch, prefer_lookup):
+    """This kernel cannot attach kprobes, but its verifier can still check the programs (also as
+    the VM tests build them, paired lookups preferred)."""
     from routetrace.tracer import Tracer
+    monkeypatch.setenv(probes.PREFER_LOOKUP_ENV, prefer_lookup)
     kernel.mount_tracefs()
     here = kernel.gather(prepare_headers=True)
     plan = probes.choose(dataclasses.replace(here, kprobes=True, symbols={
@@ -98,3 +101,44 @@ def test_kprobe_programs_pass_this_kernels_verifier(bpf_ready):
     headers = None if here.headers.matches else here.headers.path
     with Tracer(plan, headers, attach=False) as tracer:
         assert tracer.losses().total == 0
+
+
+def test_kretprobe_maxactive_is_settable_and_dry_run_shows_it(capsys, monkeypatch):
+    from routetrace import cli
+    monkeypatch.setattr(kernel, "gather", lambda **kw: facts())
+    monkeypatch.setenv("ROUTETRACE_OFFSETS", "headers")
+    assert cli.main(["watch", "--dry-run"]) == 0
+    assert "-> route_return (maxactive 256)" in capsys.readouterr().out
+    assert cli.main(["watch", "--dry-run", "--kretprobe-maxactive", "7"]) == 0
+    assert "-> route_return (maxactive 7)" in capsys.readouterr().out
+    plan = probes.choose(facts(), probes.Filters(), limits=probes.Limits(kretprobe_maxactive=1))
+    assert plan.attachments[1].maxactive == 1 and plan.describe()["limits"]["kretprobe_maxactive"] == 1
+    for bad in ("0", "4097", "x"):
+        assert cli.main(["watch", "--dry-run", "--kretprobe-maxactive", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("routetrace: ") and "--kretprobe-maxactive" in err and len(err.splitlines()) == 1, err
+
+
+def test_the_kprobe_plan_is_x86_64_only_and_says_why():
+    assert probes._kprobe_problem(facts(), "x86_64") is None
+    why = probes._kprobe_problem(facts(), "aarch64")
+    assert "stack pointer" in why and "aarch64" in why
+
+
+def test_preferring_paired_lookups_is_a_test_switch_of_the_kprobe_plan_only(monkeypatch):
+    monkeypatch.delenv(probes.PREFER_LOOKUP_ENV, raising=False)
+    assert "-DROUTE_PREFER_LOOKUP=1" not in probes.choose(facts(), probes.Filters()).cflags
+    monkeypatch.setenv(probes.PREFER_LOOKUP_ENV, "1")
+    plan = probes.choose(facts(), probes.Filters())
+    assert "-DROUTE_PREFER_LOOKUP=1" in plan.cflags
+    assert any(r.startswith(f"{probes.PREFER_LOOKUP_ENV}=1") for r in plan.reasons)
+    assert "-DROUTE_PREFER_LOOKUP=1" not in probes.choose(facts(), probes.Filters(), "tracepoint").cflags
+
+
+def test_unpaired_route_lookups_are_a_loss_of_their_own():
+    from routetrace.events import LossCounters
+    from routetrace.render import losses_line
+    losses = LossCounters(route_unpaired=3)
+    assert losses.total == 3 and losses.to_dict()["route_unpaired"] == 3
+    assert "3 route lookups whose entry and return could not be paired" in losses_line(losses)
+    assert LossCounters.from_dict({"probes_missed": 1}).route_unpaired == 0      # older recordings
