@@ -74,6 +74,22 @@ print(json.dumps({"cpus": cpus, "ports": ports}))
 """
 
 
+# Runs in the host namespace, pinned to one CPU: connect() a UDP socket to the peer over and over
+# for `seconds`. Each connect routes (ip_route_connect: one or two lookups) and sends nothing, so
+# the CPU spends much of its time in the route function; one of these per CPU makes their calls
+# overlap constantly. Prints how many connects it made.
+CHURN = r"""
+import os, socket, sys, time
+os.sched_setaffinity(0, {int(sys.argv[3])})
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+n, end = 0, time.monotonic() + float(sys.argv[4])
+while time.monotonic() < end:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    n += 1
+print(n)
+"""
+
+
 def _ip(*args):
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
@@ -108,6 +124,21 @@ def connect_concurrently(sb, count: int, proto: str = "tcp", seconds: float = 0.
     result = json.loads(out.stdout)
     assert len(result["cpus"]) == 2, f"the clients need two CPUs to interleave, have {result['cpus']}"
     return result["ports"]
+
+
+def churn_lookups(sb, seconds: float) -> subprocess.Popen:
+    """Route lookups on both CPUs at once, in two processes (no shared interpreter lock), for
+    `seconds`: wait() on what this returns."""
+    procs = [subprocess.Popen(["ip", "netns", "exec", sb.host, sys.executable, "-c", CHURN, sb.peer_addr, str(PORT),
+                               str(cpu), str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cpu in (0, 1)]
+
+    class Both:
+        def wait(self, timeout=600):
+            outs = [p.communicate(timeout=timeout) for p in procs]
+            assert all(p.returncode == 0 for p in procs), outs
+            return [int(out) for out, _err in outs]
+    return Both()
 
 
 def check_each_flow_took_its_own_route(flows: list, ports: dict, sb, proto: str = "tcp") -> list:

@@ -150,7 +150,11 @@ def test_one_kretprobe_instance_misses_lookups_counts_them_and_gives_no_flow_ano
         try:
             assert "kretprobe" in _routetrace("watch", "--dry-run", "--backend", "kprobe", "--kretprobe-maxactive", "1")
             tcp = concurrent_routes.connect_concurrently(sb, count=CONCURRENT_CONNECTS)
+            # Lookups on both CPUs at once, in two processes, while datagrams flow: calls overlap,
+            # and with one instance the kernel misses returns.
+            churn = concurrent_routes.churn_lookups(sb, seconds=4)
             udp = concurrent_routes.connect_concurrently(sb, count=0, proto="udp", seconds=3)
+            churned = churn.wait()
             rc, out, err = run.stop(signal.SIGINT, timeout=STOP_TIMEOUT)
         finally:
             run.kill()
@@ -159,7 +163,7 @@ def test_one_kretprobe_instance_misses_lookups_counts_them_and_gives_no_flow_ano
     summary = objects[-1]
     assert summary["type"] == "summary", out[-2000:]
     lost = summary["lost"]
-    assert lost["probes_missed"] > 0, lost
+    assert lost["probes_missed"] > 0, (lost, churned)
     # A missed return leaves its entry behind; the next call in that frame counts it.
     assert lost["route_unpaired"] > 0, lost
     # Shown live too: a loss line when the loss first happened or grew.
