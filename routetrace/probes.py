@@ -20,6 +20,11 @@ BPF_DIR = Path(str(importlib.resources.files("routetrace.bpf")))
 
 BACKENDS = ("auto", "kprobe", "tracepoint")
 ROUTE_FUNCTION = "ip_route_output_key_hash"
+# Where most sockets' lookups go (connect's final lookup, ip_route_newports, udp_sendmsg, SYN-ACKs,
+# RSTs): in route.c the compiler inlines ip_route_output_key_hash into it, so a probe on
+# ip_route_output_key_hash alone sees only callers in other files (connect's first lookup with
+# source 0). Exported since 2.6; probed with the same programs, paired the same way.
+ROUTE_FLOW_FUNCTION = "ip_route_output_flow"
 # Enough kretprobe instances for every CPU to be inside the route function many times over
 # (softirq replies nest inside process-context connects); misses are counted, not hidden.
 # --kretprobe-maxactive changes it (1 provokes misses in a test).
@@ -210,6 +215,8 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto", limits: 
         attachments = [
             Attachment("kprobe", ROUTE_FUNCTION, "route_entry"),
             Attachment("kretprobe", ROUTE_FUNCTION, "route_return", limits.kretprobe_maxactive),
+            Attachment("kprobe", ROUTE_FLOW_FUNCTION, "route_entry"),
+            Attachment("kretprobe", ROUTE_FLOW_FUNCTION, "route_return", limits.kretprobe_maxactive),
             Attachment("kprobe", xmit, "xmit_entry"),
             *fib,
         ]

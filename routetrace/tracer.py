@@ -286,8 +286,11 @@ class Tracer:
         )
 
     def program_stats(self) -> list[ProgramStats]:
-        out = []
+        out, seen = [], set()
         for a in self.plan.attachments:
+            if a.fn in seen:              # one program on two functions (route_entry): count it once
+                continue
+            seen.add(a.fn)
             # Not "if self._bpf": bcc's BPF object is falsy until one of its maps is opened.
             fn = self._bpf.funcs.get(a.fn.encode()) if self._bpf is not None else None
             if fn is None:

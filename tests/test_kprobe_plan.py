@@ -24,8 +24,9 @@ def test_auto_takes_kprobes_when_they_exist_and_the_symbols_resolve():
     assert plan.backend == "kprobe"
     assert [str(a) for a in plan.attachments] == [
         "kprobe ip_route_output_key_hash", "kretprobe ip_route_output_key_hash",
+        "kprobe ip_route_output_flow", "kretprobe ip_route_output_flow",
         "kprobe __dev_queue_xmit", "raw_tracepoint fib_table_lookup", "raw_tracepoint fib6_table_lookup"]
-    assert plan.attachments[1].maxactive == probes.KRETPROBE_MAXACTIVE
+    assert plan.attachments[1].maxactive == plan.attachments[3].maxactive == probes.KRETPROBE_MAXACTIVE
     assert "-DROUTE_DECISIONS=1" in plan.cflags and "-DFILTER_PORT=8888" in plan.cflags
     assert plan.offsets[0].source == ("btf" if Path("/sys/kernel/btf/vmlinux").exists() else "headers")
     assert [p.name for p in plan.sources] == ["common.c", "fib.c", "kprobe.c"]
@@ -36,7 +37,7 @@ def test_transmit_function_is_never_the_local_copy():
     # 5.10: dev_queue_xmit is the real exported function, __dev_queue_xmit is static
     old = facts(symbols={"ip_route_output_key_hash": "T", "dev_queue_xmit": "T", "__dev_queue_xmit": "t"})
     assert old.xmit_function == "dev_queue_xmit"
-    assert str(probes.choose(old, probes.Filters()).attachments[2]) == "kprobe dev_queue_xmit"
+    assert str(probes.choose(old, probes.Filters()).attachments[4]) == "kprobe dev_queue_xmit"
     # 6.18: only a local out-of-line copy of the inline wrapper besides __dev_queue_xmit
     assert facts().xmit_function == "__dev_queue_xmit"
     only_local = facts(symbols={"ip_route_output_key_hash": "T", "dev_queue_xmit": "t"})
@@ -112,7 +113,8 @@ def test_kretprobe_maxactive_is_settable_and_dry_run_shows_it(capsys, monkeypatc
     assert cli.main(["watch", "--dry-run", "--kretprobe-maxactive", "7"]) == 0
     assert "-> route_return (maxactive 7)" in capsys.readouterr().out
     plan = probes.choose(facts(), probes.Filters(), limits=probes.Limits(kretprobe_maxactive=1))
-    assert plan.attachments[1].maxactive == 1 and plan.describe()["limits"]["kretprobe_maxactive"] == 1
+    assert [a.maxactive for a in plan.attachments if a.kind == "kretprobe"] == [1, 1]
+    assert plan.describe()["limits"]["kretprobe_maxactive"] == 1
     for bad in ("0", "4097", "x"):
         assert cli.main(["watch", "--dry-run", "--kretprobe-maxactive", bad]) == 2
         err = capsys.readouterr().err

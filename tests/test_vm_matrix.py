@@ -155,6 +155,8 @@ def test_one_kretprobe_instance_misses_lookups_counts_them_and_gives_no_flow_ano
             churn = concurrent_routes.churn_lookups(sb, seconds=4)
             udp = concurrent_routes.connect_concurrently(sb, count=0, proto="udp", seconds=3)
             churned = churn.wait()
+            profile = [line.split() for line in Path("/sys/kernel/tracing/kprobe_profile").read_text().splitlines()
+                       if "ip_route_output" in line]      # (name, hits, missed): for the messages
             rc, out, err = run.stop(signal.SIGINT, timeout=STOP_TIMEOUT)
         finally:
             run.kill()
@@ -163,9 +165,9 @@ def test_one_kretprobe_instance_misses_lookups_counts_them_and_gives_no_flow_ano
     summary = objects[-1]
     assert summary["type"] == "summary", out[-2000:]
     lost = summary["lost"]
-    assert lost["probes_missed"] > 0, (lost, churned)
+    assert lost["probes_missed"] > 0, (lost, churned, profile)
     # A missed return leaves its entry behind; the next call in that frame counts it.
-    assert lost["route_unpaired"] > 0, lost
+    assert lost["route_unpaired"] > 0, (lost, churned, profile)
     # Shown live too: a loss line when the loss first happened or grew.
     live_losses = [o["lost"] for o in objects if o.get("type") == "loss"]
     assert live_losses and live_losses[-1]["probes_missed"] > 0, live_losses
