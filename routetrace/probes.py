@@ -212,11 +212,16 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto", limits: 
         xmit = facts.xmit_function
         reasons.append(f"transmit probe on {xmit}" + (" (dev_queue_xmit is an inline wrapper here)"
                                                        if xmit == "__dev_queue_xmit" else ""))
+        route = [Attachment("kprobe", ROUTE_FUNCTION, "route_entry"),
+                 Attachment("kretprobe", ROUTE_FUNCTION, "route_return", limits.kretprobe_maxactive)]
+        if ROUTE_FLOW_FUNCTION in facts.symbols:
+            route += [Attachment("kprobe", ROUTE_FLOW_FUNCTION, "route_entry"),
+                      Attachment("kretprobe", ROUTE_FLOW_FUNCTION, "route_return", limits.kretprobe_maxactive)]
+        else:
+            reasons.append(f"{ROUTE_FLOW_FUNCTION} is not in /proc/kallsyms: route answers only from "
+                           f"{ROUTE_FUNCTION}'s callers outside route.c")
         attachments = [
-            Attachment("kprobe", ROUTE_FUNCTION, "route_entry"),
-            Attachment("kretprobe", ROUTE_FUNCTION, "route_return", limits.kretprobe_maxactive),
-            Attachment("kprobe", ROUTE_FLOW_FUNCTION, "route_entry"),
-            Attachment("kretprobe", ROUTE_FLOW_FUNCTION, "route_return", limits.kretprobe_maxactive),
+            *route,
             Attachment("kprobe", xmit, "xmit_entry"),
             *fib,
         ]

@@ -14,7 +14,8 @@ def facts(**kw):
                 kprobes=True, raw_tracepoints=True,
                 tracepoints={"fib/fib_table_lookup": True, "net/net_dev_queue": True,
                                            "fib6/fib6_table_lookup": True},
-                symbols={"ip_route_output_key_hash": "T", "__dev_queue_xmit": "T", "dev_queue_xmit": "t"},
+                symbols={"ip_route_output_key_hash": "T", "ip_route_output_flow": "T", "__dev_queue_xmit": "T",
+                         "dev_queue_xmit": "t"},
                 headers=Headers(Path("/lib/modules/6.1.0-56-amd64/build"), "6.1.0-56-amd64", True))
     return KernelFacts(**{**base, **kw})
 
@@ -35,7 +36,8 @@ def test_auto_takes_kprobes_when_they_exist_and_the_symbols_resolve():
 
 def test_transmit_function_is_never_the_local_copy():
     # 5.10: dev_queue_xmit is the real exported function, __dev_queue_xmit is static
-    old = facts(symbols={"ip_route_output_key_hash": "T", "dev_queue_xmit": "T", "__dev_queue_xmit": "t"})
+    old = facts(symbols={"ip_route_output_key_hash": "T", "ip_route_output_flow": "T", "dev_queue_xmit": "T",
+                         "__dev_queue_xmit": "t"})
     assert old.xmit_function == "dev_queue_xmit"
     assert str(probes.choose(old, probes.Filters()).attachments[4]) == "kprobe dev_queue_xmit"
     # 6.18: only a local out-of-line copy of the inline wrapper besides __dev_queue_xmit
@@ -98,7 +100,8 @@ def test_kprobe_programs_pass_this_kernels_verifier(bpf_ready, monkeypatch, pref
     kernel.mount_tracefs()
     here = kernel.gather(prepare_headers=True)
     plan = probes.choose(dataclasses.replace(here, kprobes=True, symbols={
-        "ip_route_output_key_hash": "T", "__dev_queue_xmit": "T"}), probes.Filters(port=8888), "kprobe")
+        "ip_route_output_key_hash": "T", "ip_route_output_flow": "T", "__dev_queue_xmit": "T"}),
+        probes.Filters(port=8888), "kprobe")
     headers = None if here.headers.matches else here.headers.path
     with Tracer(plan, headers, attach=False) as tracer:
         assert tracer.losses().total == 0
@@ -144,3 +147,9 @@ def test_unpaired_route_lookups_are_a_loss_of_their_own():
     assert losses.total == 3 and losses.to_dict()["route_unpaired"] == 3
     assert "3 route lookups whose entry and return could not be paired" in losses_line(losses)
     assert LossCounters.from_dict({"probes_missed": 1}).route_unpaired == 0      # older recordings
+
+
+def test_ip_route_output_flow_is_probed_where_kallsyms_has_it_and_its_absence_is_stated():
+    without = probes.choose(facts(symbols={"ip_route_output_key_hash": "T", "__dev_queue_xmit": "T"}), probes.Filters())
+    assert [a.target for a in without.attachments if a.kind == "kretprobe"] == ["ip_route_output_key_hash"]
+    assert any(r.startswith("ip_route_output_flow is not in /proc/kallsyms") for r in without.reasons)
