@@ -136,6 +136,7 @@ enum stat_index {
     STAT_UNDECODED,                   /* packets of families/protocols not decoded */
     STAT_CREATED_0,                   /* entries made in flows0 / flows1 since their drain */
     STAT_CREATED_1,
+    STAT_ROUTE_UNPAIRED,              /* kprobe plan: a route lookup's entry and return not paired */
     STAT_MAX,
 };
 
@@ -157,12 +158,17 @@ BPF_TABLE("lru_hash", struct frag_key, struct frag_ports, frag_ports_map, 4096);
 BPF_RINGBUF_OUTPUT(new_flows, RING_PAGES);
 
 #ifdef ROUTE_DECISIONS
-/* The kprobe plan's record of the routing function's answers, by destination. */
+/* The kprobe plan's record of the routing function's answers (IPv4 only), by the flow each
+ * lookup was made for: a flow is given the answer to its own lookup, not to another socket's
+ * lookup for the same destination (bound to another device, another mark, another VRF). */
 struct route_key {
     u32 netns;
-    u8 family;
+    u32 saddr;                        /* network byte order */
+    u32 daddr;
+    u16 sport;                        /* host byte order, as in flow_key; 0 unless TCP or UDP */
+    u16 dport;
+    u8 proto;
     u8 pad[3];
-    u8 daddr[16];
 };
 
 struct route_value {
@@ -339,13 +345,22 @@ static __always_inline void describe_route(struct flow_value *v, void *rt, u8 fa
     }
 }
 
-/* The kprobe plan: what the routing function itself returned for this destination, as its
- * kretprobe saw it -- used only when neither the packet nor its socket carries the route. */
+/* The kprobe plan: what the routing function itself returned for this very flow (the lookup
+ * made with its addresses, ports and protocol), as its kretprobe saw it -- used only when neither
+ * the packet nor its socket carries the route. A connect() routes with source port 0 first and
+ * again with the chosen port (ip_route_newports): the last lookup has the packet's full tuple. */
 static __always_inline int route_decided(struct flow_key *key, struct flow_value *v)
 {
 #ifdef ROUTE_DECISIONS
-    struct route_key rk = {.netns = key->netns, .family = key->family};
-    __builtin_memcpy(rk.daddr, key->daddr, 16);
+    if (key->family != 4)
+        return 0;
+    struct route_key rk = {.netns = key->netns, .proto = key->proto};
+    __builtin_memcpy(&rk.saddr, key->saddr, 4);
+    __builtin_memcpy(&rk.daddr, key->daddr, 4);
+    if (key->proto == PROTO_TCP || key->proto == PROTO_UDP) {
+        rk.sport = key->sport;
+        rk.dport = key->dport;
+    }
     struct route_value *decided = route_answers.lookup(&rk);
     if (decided) {
         v->route_src = ROUTE_FROM_LOOKUP;
@@ -402,6 +417,14 @@ static __always_inline struct flow_value *create_flow(u32 epoch, struct flow_key
 
     u8 src = ROUTE_NONE;
     void *rt = route_of(refdst, sk, &src);
+#ifdef ROUTE_PREFER_LOOKUP
+    /* Test mode (ROUTETRACE_PREFER_LOOKUP=1, kprobe plan): the flow's own paired lookup before the
+     * packet's route, which every packet still carries at __dev_queue_xmit's entry -- so the VM
+     * tests check the per-call pairing on real traffic. */
+    if (route_decided(key, v))
+        rt = 0;
+    else
+#endif
     if (rt) {
         v->route_src = src;
         describe_route(v, rt, key->family, key->daddr);

@@ -78,6 +78,14 @@ def build_filters(port, host, pid, netns_spec, family=None) -> probes.Filters:
     return probes.Filters(port=port, host=host, pid=pid, netns=inode, family=family)
 
 
+def kretprobe_maxactive_option():
+    # The kernel takes 1 to 4096 (KRETPROBE_MAXACTIVE_MAX).
+    return click.option("--kretprobe-maxactive", type=click.IntRange(1, 4096), default=probes.KRETPROBE_MAXACTIVE,
+                        show_default=True, metavar="N",
+                        help="Kprobe plan: calls of the route function that can be in progress at once; "
+                             "past that its answers are missed and counted (probes_missed).")
+
+
 def backend_option(help="Which probes to attach: kprobes on the routing and transmit functions, or "
                          "tracepoints (for kernels without kprobes); auto picks what this kernel has."):
     return click.option("--backend", type=click.Choice(probes.BACKENDS), default="auto", show_default=True,
@@ -126,9 +134,10 @@ def cli():
 @click.option("--ring-pages", type=click.IntRange(1, 1 << 16), default=probes.Limits.ring_pages, show_default=True,
               metavar="N", help="Pages of the new-flow notice ring (a power of two); a full ring delays "
                                 "streaming, never counting.")
+@kretprobe_maxactive_option()
 @click.option("--dry-run", is_flag=True, help="Print the attach plan and struct offsets; load nothing.")
 def watch(pid, port, host, ipv4, ipv6, netns_spec, as_json, duration, record, force, metrics_spec, backend,
-          max_flows, keep_flows, ring_pages, dry_run):
+          max_flows, keep_flows, ring_pages, kretprobe_maxactive, dry_run):
     """Show the kernel's route decision for each new flow, live; summary and verdict at the end.
 
     One line per new flow (process, addresses, route type and device, the FIB's answer, the
@@ -145,7 +154,7 @@ def watch(pid, port, host, ipv4, ipv6, netns_spec, as_json, duration, record, fo
     if ring_pages & (ring_pages - 1):
         raise UsageError(f"--ring-pages must be a power of two, not {ring_pages}")
     filters = build_filters(port, host, pid, netns_spec, _family(ipv4, ipv6))
-    limits = probes.Limits(max_flows=max_flows, ring_pages=ring_pages)
+    limits = probes.Limits(max_flows=max_flows, ring_pages=ring_pages, kretprobe_maxactive=kretprobe_maxactive)
     if dry_run:
         facts = kernel.gather(prepare_headers=os.geteuid() == 0)
         click.echo(probes.choose(facts, filters, backend, limits).render())
@@ -199,13 +208,15 @@ def _addresses(_ctx, param, values):
 @click.option("--record", "-w", metavar="FILE", help="Also write the trace to FILE.")
 @click.option("--force", is_flag=True, help="Let --record replace an existing regular file you own.")
 @backend_option()
-def prove(port, sandbox, to, control, proto, closed, scenarios, as_json, record, force, backend):
+@kretprobe_maxactive_option()
+def prove(port, sandbox, to, control, proto, closed, scenarios, as_json, record, force, backend, kretprobe_maxactive):
     """Connect to 127.0.0.1 and to own addresses while tracing: do both leave on lo?
 
     Exit status: 0 the claim held (--scenarios: every scenario did what the kernel's code
     documents), 1 it did not, 2 usage or environment error.
     """
     from . import prove as experiment_prove
+    limits = probes.Limits(kretprobe_maxactive=kretprobe_maxactive)
     if scenarios:
         if not sandbox:
             raise UsageError("--scenarios builds its own namespaces: add --sandbox")
@@ -213,14 +224,14 @@ def prove(port, sandbox, to, control, proto, closed, scenarios, as_json, record,
             raise UsageError("--scenarios chooses its own destinations and sockets: drop --to/--control/--closed/--proto")
         _require_root("prove")
         from . import scenarios as scenario_run
-        sys.exit(scenario_run.experiment(lambda filters: _prepare("prove", filters, backend), port=port,
+        sys.exit(scenario_run.experiment(lambda filters: _prepare("prove", filters, backend, limits), port=port,
                                          as_json=as_json, record=record, force=force))
     if closed and proto == "udp":
         raise UsageError("--closed goes with --proto tcp (a closed UDP port answers with ICMP, which has no port)")
     if sandbox and (to or control):
         raise UsageError("--sandbox chooses its own addresses: drop --to/--control")
     _require_root("prove")
-    code = experiment_prove.experiment(lambda filters: _prepare("prove", filters, backend), sandbox=sandbox,
+    code = experiment_prove.experiment(lambda filters: _prepare("prove", filters, backend, limits), sandbox=sandbox,
                                        own=list(to), controls=list(control), port=port, proto=proto,
                                        closed=closed, record=record, as_json=as_json,
                                        **({"force": True} if force else {}))

@@ -229,6 +229,9 @@ class LossCounters:
     fib_missed: int = 0          # FIB lookups missed (BPF recursion)
     flow_map_full_bytes: int = 0
     undecoded: int = 0           # packets of families/protocols routetrace does not decode (counted, not lost)
+    # kprobe plan: route lookups whose entry and return could not be paired (a return with no entry
+    # in its frame, or an entry whose return never came): their answers are dropped, not guessed
+    route_unpaired: int = 0
 
     @property
     def packets_lost(self) -> int:
@@ -237,7 +240,7 @@ class LossCounters:
     @property
     def total(self) -> int:
         """Everything missed; undecoded packets are counted, so they are not in it."""
-        return self.packets_lost + self.events_dropped + self.probes_missed + self.fib_missed
+        return self.packets_lost + self.events_dropped + self.probes_missed + self.fib_missed + self.route_unpaired
 
     def to_dict(self) -> dict:
         return {**asdict(self), "packets_lost": self.packets_lost, "total": self.total}

@@ -15,7 +15,7 @@ from .errors import EnvironmentProblem
 
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 TRACEPOINTS = ("fib/fib_table_lookup", "fib6/fib6_table_lookup", "net/net_dev_queue", "net/net_dev_start_xmit")
-SYMBOLS = ("ip_route_output_key_hash", "ip6_route_output_flags", "ip6_route_output_flags_noref",
+SYMBOLS = ("ip_route_output_key_hash", "ip_route_output_flow", "ip6_route_output_flags", "ip6_route_output_flags_noref",
            "__dev_queue_xmit", "dev_queue_xmit")
 # BPF_RAW_TRACEPOINT_OPEN (4.17+) is there when the kernel has either helper (bcc's own test).
 RAW_TRACEPOINT_SYMBOLS = ("bpf_find_raw_tracepoint", "bpf_get_raw_tracepoint")

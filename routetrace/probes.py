@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.resources
 import ipaddress
 import os
+import platform
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,22 @@ BPF_DIR = Path(str(importlib.resources.files("routetrace.bpf")))
 
 BACKENDS = ("auto", "kprobe", "tracepoint")
 ROUTE_FUNCTION = "ip_route_output_key_hash"
+# Where most sockets' lookups go (connect's final lookup, ip_route_newports, udp_sendmsg, SYN-ACKs,
+# RSTs): in route.c the compiler inlines ip_route_output_key_hash into it, so a probe on
+# ip_route_output_key_hash alone sees only callers in other files (connect's first lookup with
+# source 0). Exported since 2.6; probed with the same programs, paired the same way.
+ROUTE_FLOW_FUNCTION = "ip_route_output_flow"
 # Enough kretprobe instances for every CPU to be inside the route function many times over
 # (softirq replies nest inside process-context connects); misses are counted, not hidden.
+# --kretprobe-maxactive changes it (1 provokes misses in a test).
 KRETPROBE_MAXACTIVE = 256
+# bpf/kprobe.c pairs the route function's entry and return by the stack pointer, whose offset at
+# the return is the x86_64 kretprobe trampoline's (measured on 5.10 to unstable).
+KPROBE_PLAN_ARCHES = ("x86_64",)
+# Tests only: every packet still carries its route where the kprobe plan reads it, so the route
+# function's answers (route_src "lookup") are a fallback real traffic never reaches; with this set
+# to 1 they are taken first wherever a flow's own lookup was paired, which the VM tests check.
+PREFER_LOOKUP_ENV = "ROUTETRACE_PREFER_LOOKUP"
 
 
 @dataclass(frozen=True)
@@ -67,12 +81,14 @@ class Limits:
     """Sizes of what the kernel keeps; `doctor` and every summary name them."""
     max_flows: int = 65536         # entries per flow map (two maps alternate, see bpf/common.c)
     ring_pages: int = 2048         # new-flow notice ring: 8 MiB, ~45,000 notices between reads
+    kretprobe_maxactive: int = KRETPROBE_MAXACTIVE   # kprobe plan: route calls in flight at once
 
     def cflags(self) -> list[str]:
         return [f"-DMAX_FLOWS={self.max_flows}", f"-DRING_PAGES={self.ring_pages}"]
 
     def describe(self) -> dict:
-        return {"max_flows": self.max_flows, "ring_pages": self.ring_pages}
+        return {"max_flows": self.max_flows, "ring_pages": self.ring_pages,
+                "kretprobe_maxactive": self.kretprobe_maxactive}
 
 
 @dataclass(frozen=True)
@@ -137,10 +153,14 @@ def _has_fib6(facts: KernelFacts) -> bool:
     return bool(facts.tracepoints.get("fib6/fib6_table_lookup"))
 
 
-def _kprobe_problem(facts: KernelFacts) -> str | None:
+def _kprobe_problem(facts: KernelFacts, machine: str | None = None) -> str | None:
     """Why the kprobe plan cannot run here, or None when it can."""
     if not facts.kprobes:
         return "kprobes are not available on this kernel (CONFIG_KPROBES off)"
+    machine = machine or platform.machine()
+    if machine not in KPROBE_PLAN_ARCHES:
+        return (f"the kprobe plan pairs the route function's entry and return by stack pointer, "
+                f"known for {', '.join(KPROBE_PLAN_ARCHES)} only, not {machine}")
     if ROUTE_FUNCTION not in facts.symbols:
         return f"{ROUTE_FUNCTION} is not in /proc/kallsyms"
     if facts.xmit_function is None:
@@ -192,13 +212,25 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto", limits: 
         xmit = facts.xmit_function
         reasons.append(f"transmit probe on {xmit}" + (" (dev_queue_xmit is an inline wrapper here)"
                                                        if xmit == "__dev_queue_xmit" else ""))
+        route = [Attachment("kprobe", ROUTE_FUNCTION, "route_entry"),
+                 Attachment("kretprobe", ROUTE_FUNCTION, "route_return", limits.kretprobe_maxactive)]
+        if ROUTE_FLOW_FUNCTION in facts.symbols:
+            route += [Attachment("kprobe", ROUTE_FLOW_FUNCTION, "route_entry"),
+                      Attachment("kretprobe", ROUTE_FLOW_FUNCTION, "route_return", limits.kretprobe_maxactive)]
+        else:
+            reasons.append(f"{ROUTE_FLOW_FUNCTION} is not in /proc/kallsyms: route answers only from "
+                           f"{ROUTE_FUNCTION}'s callers outside route.c")
         attachments = [
-            Attachment("kprobe", ROUTE_FUNCTION, "route_entry"),
-            Attachment("kretprobe", ROUTE_FUNCTION, "route_return", KRETPROBE_MAXACTIVE),
+            *route,
             Attachment("kprobe", xmit, "xmit_entry"),
             *fib,
         ]
+        route_flags = ["-DROUTE_DECISIONS=1"]
+        if os.environ.get(PREFER_LOOKUP_ENV) == "1":
+            route_flags.append("-DROUTE_PREFER_LOOKUP=1")
+            reasons.append(f"{PREFER_LOOKUP_ENV}=1: a flow's route is its own paired lookup's answer where "
+                           "there is one, before the packet's (a test of the pairing)")
         return AttachPlan("kprobe", [BPF_DIR / "common.c", BPF_DIR / "fib.c", BPF_DIR / "kprobe.c"],
-                          attachments, offsets, filters, reasons, ["-DROUTE_DECISIONS=1", *fib_flags], limits)
+                          attachments, offsets, filters, reasons, [*route_flags, *fib_flags], limits)
     return AttachPlan("tracepoint", [BPF_DIR / "common.c", BPF_DIR / "fib.c", BPF_DIR / "tracepoint.c"],
                       [*fib, XMIT_TRACEPOINT], offsets, filters, reasons, ["-DRAW_XMIT=1", *fib_flags], limits)

@@ -81,6 +81,9 @@ def losses_line(losses: LossCounters | None) -> str:
                 f"{losses.xmit_missed} missed by the transmit probe); {losses.events_dropped} new-flow notices "
                 f"dropped (those flows were streamed late, their packets counted); "
                 f"{losses.probes_missed} route answers and {losses.fib_missed} FIB lookups missed")
+        if losses.route_unpaired:
+            line += (f"; {losses.route_unpaired} route lookups whose entry and return could not be paired "
+                     "(their answers dropped)")
     if losses.undecoded:
         line += f"\nother: {losses.undecoded} packets not decoded (not IPv4/IPv6 TCP, UDP, ICMP)"
     return line

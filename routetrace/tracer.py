@@ -29,7 +29,8 @@ _RUN_TIME_NS, _RUN_CNT, _RECURSION_MISSES = 192, 200, 208
 
 POLL_BUDGET = 4096
 
-STAT_EVENTS_DROPPED, STAT_LOST_PACKETS, STAT_LOST_BYTES, STAT_UNDECODED, STAT_CREATED_0, STAT_CREATED_1 = range(6)
+(STAT_EVENTS_DROPPED, STAT_LOST_PACKETS, STAT_LOST_BYTES, STAT_UNDECODED, STAT_CREATED_0, STAT_CREATED_1,
+ STAT_ROUTE_UNPAIRED) = range(7)
 
 
 def import_bcc():
@@ -281,11 +282,15 @@ class Tracer:
             probes_missed=missed["route"] + stats["route"],
             xmit_missed=missed["xmit"] + stats["xmit"],
             fib_missed=stats["fib"],
+            route_unpaired=self._stat(STAT_ROUTE_UNPAIRED),
         )
 
     def program_stats(self) -> list[ProgramStats]:
-        out = []
+        out, seen = [], set()
         for a in self.plan.attachments:
+            if a.fn in seen:              # one program on two functions (route_entry): count it once
+                continue
+            seen.add(a.fn)
             # Not "if self._bpf": bcc's BPF object is falsy until one of its maps is opened.
             fn = self._bpf.funcs.get(a.fn.encode()) if self._bpf is not None else None
             if fn is None:

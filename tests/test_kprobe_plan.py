@@ -14,7 +14,8 @@ def facts(**kw):
                 kprobes=True, raw_tracepoints=True,
                 tracepoints={"fib/fib_table_lookup": True, "net/net_dev_queue": True,
                                            "fib6/fib6_table_lookup": True},
-                symbols={"ip_route_output_key_hash": "T", "__dev_queue_xmit": "T", "dev_queue_xmit": "t"},
+                symbols={"ip_route_output_key_hash": "T", "ip_route_output_flow": "T", "__dev_queue_xmit": "T",
+                         "dev_queue_xmit": "t"},
                 headers=Headers(Path("/lib/modules/6.1.0-56-amd64/build"), "6.1.0-56-amd64", True))
     return KernelFacts(**{**base, **kw})
 
@@ -24,8 +25,9 @@ def test_auto_takes_kprobes_when_they_exist_and_the_symbols_resolve():
     assert plan.backend == "kprobe"
     assert [str(a) for a in plan.attachments] == [
         "kprobe ip_route_output_key_hash", "kretprobe ip_route_output_key_hash",
+        "kprobe ip_route_output_flow", "kretprobe ip_route_output_flow",
         "kprobe __dev_queue_xmit", "raw_tracepoint fib_table_lookup", "raw_tracepoint fib6_table_lookup"]
-    assert plan.attachments[1].maxactive == probes.KRETPROBE_MAXACTIVE
+    assert plan.attachments[1].maxactive == plan.attachments[3].maxactive == probes.KRETPROBE_MAXACTIVE
     assert "-DROUTE_DECISIONS=1" in plan.cflags and "-DFILTER_PORT=8888" in plan.cflags
     assert plan.offsets[0].source == ("btf" if Path("/sys/kernel/btf/vmlinux").exists() else "headers")
     assert [p.name for p in plan.sources] == ["common.c", "fib.c", "kprobe.c"]
@@ -34,9 +36,10 @@ def test_auto_takes_kprobes_when_they_exist_and_the_symbols_resolve():
 
 def test_transmit_function_is_never_the_local_copy():
     # 5.10: dev_queue_xmit is the real exported function, __dev_queue_xmit is static
-    old = facts(symbols={"ip_route_output_key_hash": "T", "dev_queue_xmit": "T", "__dev_queue_xmit": "t"})
+    old = facts(symbols={"ip_route_output_key_hash": "T", "ip_route_output_flow": "T", "dev_queue_xmit": "T",
+                         "__dev_queue_xmit": "t"})
     assert old.xmit_function == "dev_queue_xmit"
-    assert str(probes.choose(old, probes.Filters()).attachments[2]) == "kprobe dev_queue_xmit"
+    assert str(probes.choose(old, probes.Filters()).attachments[4]) == "kprobe dev_queue_xmit"
     # 6.18: only a local out-of-line copy of the inline wrapper besides __dev_queue_xmit
     assert facts().xmit_function == "__dev_queue_xmit"
     only_local = facts(symbols={"ip_route_output_key_hash": "T", "dev_queue_xmit": "t"})
@@ -88,13 +91,65 @@ def test_dry_run_prints_the_plan_without_root(capsys, monkeypatch):
 
 
 @pytest.mark.bpf
-def test_kprobe_programs_pass_this_kernels_verifier(bpf_ready):
-    """This kernel cannot attach kprobes, but its verifier can still check the programs."""
+@pytest.mark.parametrize("prefer_lookup", ["0", "1"])
+def test_kprobe_programs_pass_this_kernels_verifier(bpf_ready, monkeypatch, prefer_lookup):
+    """This kernel cannot attach kprobes, but its verifier can still check the programs (also as
+    the VM tests build them, paired lookups preferred)."""
     from routetrace.tracer import Tracer
+    monkeypatch.setenv(probes.PREFER_LOOKUP_ENV, prefer_lookup)
     kernel.mount_tracefs()
     here = kernel.gather(prepare_headers=True)
     plan = probes.choose(dataclasses.replace(here, kprobes=True, symbols={
-        "ip_route_output_key_hash": "T", "__dev_queue_xmit": "T"}), probes.Filters(port=8888), "kprobe")
+        "ip_route_output_key_hash": "T", "ip_route_output_flow": "T", "__dev_queue_xmit": "T"}),
+        probes.Filters(port=8888), "kprobe")
     headers = None if here.headers.matches else here.headers.path
     with Tracer(plan, headers, attach=False) as tracer:
         assert tracer.losses().total == 0
+
+
+def test_kretprobe_maxactive_is_settable_and_dry_run_shows_it(capsys, monkeypatch):
+    from routetrace import cli
+    monkeypatch.setattr(kernel, "gather", lambda **kw: facts())
+    monkeypatch.setenv("ROUTETRACE_OFFSETS", "headers")
+    assert cli.main(["watch", "--dry-run"]) == 0
+    assert "-> route_return (maxactive 256)" in capsys.readouterr().out
+    assert cli.main(["watch", "--dry-run", "--kretprobe-maxactive", "7"]) == 0
+    assert "-> route_return (maxactive 7)" in capsys.readouterr().out
+    plan = probes.choose(facts(), probes.Filters(), limits=probes.Limits(kretprobe_maxactive=1))
+    assert [a.maxactive for a in plan.attachments if a.kind == "kretprobe"] == [1, 1]
+    assert plan.describe()["limits"]["kretprobe_maxactive"] == 1
+    for bad in ("0", "4097", "x"):
+        assert cli.main(["watch", "--dry-run", "--kretprobe-maxactive", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("routetrace: ") and "--kretprobe-maxactive" in err and len(err.splitlines()) == 1, err
+
+
+def test_the_kprobe_plan_is_x86_64_only_and_says_why():
+    assert probes._kprobe_problem(facts(), "x86_64") is None
+    why = probes._kprobe_problem(facts(), "aarch64")
+    assert "stack pointer" in why and "aarch64" in why
+
+
+def test_preferring_paired_lookups_is_a_test_switch_of_the_kprobe_plan_only(monkeypatch):
+    monkeypatch.delenv(probes.PREFER_LOOKUP_ENV, raising=False)
+    assert "-DROUTE_PREFER_LOOKUP=1" not in probes.choose(facts(), probes.Filters()).cflags
+    monkeypatch.setenv(probes.PREFER_LOOKUP_ENV, "1")
+    plan = probes.choose(facts(), probes.Filters())
+    assert "-DROUTE_PREFER_LOOKUP=1" in plan.cflags
+    assert any(r.startswith(f"{probes.PREFER_LOOKUP_ENV}=1") for r in plan.reasons)
+    assert "-DROUTE_PREFER_LOOKUP=1" not in probes.choose(facts(), probes.Filters(), "tracepoint").cflags
+
+
+def test_unpaired_route_lookups_are_a_loss_of_their_own():
+    from routetrace.events import LossCounters
+    from routetrace.render import losses_line
+    losses = LossCounters(route_unpaired=3)
+    assert losses.total == 3 and losses.to_dict()["route_unpaired"] == 3
+    assert "3 route lookups whose entry and return could not be paired" in losses_line(losses)
+    assert LossCounters.from_dict({"probes_missed": 1}).route_unpaired == 0      # older recordings
+
+
+def test_ip_route_output_flow_is_probed_where_kallsyms_has_it_and_its_absence_is_stated():
+    without = probes.choose(facts(symbols={"ip_route_output_key_hash": "T", "__dev_queue_xmit": "T"}), probes.Filters())
+    assert [a.target for a in without.attachments if a.kind == "kretprobe"] == ["ip_route_output_key_hash"]
+    assert any(r.startswith("ip_route_output_flow is not in /proc/kallsyms") for r in without.reasons)

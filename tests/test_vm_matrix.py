@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import concurrent_routes
 from conftest import EXPECTED_BACKEND, LiveRoutetrace, _bpf_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +99,86 @@ SCENARIOS = {
     "udp_own_address": _scenario_udp_own_address,
     "ipv6": _scenario_ipv6,
 }
+
+
+# ---- concurrent lookups for one destination with different routes (issue 11) ---------------------
+# One contiguous block: the scenario joins SCENARIOS below; the kprobe cell also runs a second,
+# short trace with one kretprobe instance (misses provoked) and lookups preferred (pairing checked).
+
+CONCURRENT_CONNECTS = 10           # per (device, CPU) thread: 40 flows, a few seconds under TCG
+
+
+def _scenario_concurrent_routes(sb):
+    """Sockets bound to eth0 and to eth1 connect to 198.51.100.2 at once from both CPUs."""
+    concurrent_routes.prepare(sb)
+    return concurrent_routes.connect_concurrently(sb, count=CONCURRENT_CONNECTS)
+
+
+SCENARIOS["concurrent_routes"] = _scenario_concurrent_routes
+
+
+@in_every_vm
+def test_concurrent_sockets_to_one_address_each_get_their_bound_devices_route(matrix):
+    sc = matrix.scenarios["concurrent_routes"]
+    flows = concurrent_routes.check_each_flow_took_its_own_route(sc.flows, sc.outcome, sc.sandbox)
+    assert len(flows) == 2 * 2 * CONCURRENT_CONNECTS
+    sources = {f["route_src"] for f in flows}
+    # The kprobe plan reads each packet at __dev_queue_xmit's entry, where it still carries its
+    # route; veth drops it before the tracepoint, and the socket's cached route stands in.
+    assert sources == ({"packet"} if matrix.backend == "kprobe" else {"socket"}), sources
+
+
+@in_every_vm
+def test_one_kretprobe_instance_misses_lookups_counts_them_and_gives_no_flow_another_ones_route(matrix):
+    """--kretprobe-maxactive 1 with lookups on both CPUs at once: the kernel misses returns, the
+    summary (and the stream, live) count them, and with each flow's own paired lookup preferred
+    (ROUTETRACE_PREFER_LOOKUP=1) every flow still has its bound device's route."""
+    if matrix.backend != "kprobe":
+        plan = _routetrace("watch", "--dry-run", "--backend", matrix.backend, "--kretprobe-maxactive", "1")
+        assert f"attach plan: {matrix.backend}" in plan and "kretprobe" not in plan, plan
+        return
+    from routetrace.experiment import Sandbox
+    from routetrace.probes import PREFER_LOOKUP_ENV
+    with Sandbox() as sb:
+        concurrent_routes.prepare(sb)
+        os.environ[PREFER_LOOKUP_ENV] = "1"           # read by the child's attach plan
+        try:
+            run = LiveRoutetrace("watch", "--json", "--backend", "kprobe", "--netns", sb.host,
+                                 "--kretprobe-maxactive", "1", ready_timeout=READY_TIMEOUT)
+        finally:
+            del os.environ[PREFER_LOOKUP_ENV]
+        try:
+            assert "kretprobe" in _routetrace("watch", "--dry-run", "--backend", "kprobe", "--kretprobe-maxactive", "1")
+            tcp = concurrent_routes.connect_concurrently(sb, count=CONCURRENT_CONNECTS)
+            # Lookups on both CPUs at once, in two processes, while datagrams flow: calls overlap,
+            # and with one instance the kernel misses returns.
+            churn = concurrent_routes.churn_lookups(sb, seconds=4)
+            udp = concurrent_routes.connect_concurrently(sb, count=0, proto="udp", seconds=3)
+            churned = churn.wait()
+            profile = [line.split() for line in Path("/sys/kernel/tracing/kprobe_profile").read_text().splitlines()
+                       if "ip_route_output" in line]      # (name, hits, missed): for the messages
+            profile += [line.split()[1:] for line in Path("/proc/kallsyms").read_text().splitlines()
+                        if " ip_route_output_key_hash" in line]   # and any compiler clones of it
+            rc, out, err = run.stop(signal.SIGINT, timeout=STOP_TIMEOUT)
+        finally:
+            run.kill()
+    assert rc == 0, err
+    objects = _json_lines(out)
+    summary = objects[-1]
+    assert summary["type"] == "summary", out[-2000:]
+    lost = summary["lost"]
+    assert lost["probes_missed"] > 0, (lost, churned, profile)
+    # A missed return leaves its entry behind; the next call in that frame counts it.
+    assert lost["route_unpaired"] > 0, (lost, churned, profile)
+    # Shown live too: a loss line when the loss first happened or grew.
+    live_losses = [o["lost"] for o in objects if o.get("type") == "loss"]
+    assert live_losses and live_losses[-1]["probes_missed"] > 0, live_losses
+    flows = concurrent_routes.check_each_flow_took_its_own_route(summary["flows"], tcp, sb)
+    flows += concurrent_routes.check_each_flow_took_its_own_route(summary["flows"], udp, sb, proto="udp")
+    sources = [f["route_src"] for f in flows]
+    # Paired lookups gave most flows their route; a flow whose own lookup was missed fell back to
+    # its packet's route, never to another socket's answer.
+    assert sources.count("lookup") > 0 and set(sources) <= {"lookup", "packet"}, sources
 
 
 @pytest.fixture(scope="module")
