@@ -122,9 +122,14 @@ def address(family: int, raw: bytes) -> str:
 def decode_entry(key: bytes, value: bytes, backend: str) -> tuple[Flow, bool]:
     """One kernel entry (a flow on one transmit device) as a Flow with one device, and whether
     the kernel marked it as continuing from the previous epoch."""
-    netns, ifindex, saddr, daddr, sport, dport, proto, family, _ = KEY_STRUCT.unpack(key)
+    return decode_fields(KEY_STRUCT.unpack(key), VALUE_STRUCT.unpack(value), backend)
+
+
+def decode_fields(key: tuple, value: tuple, backend: str) -> tuple[Flow, bool]:
+    """decode_entry, from the structs already unpacked (KEY_STRUCT, VALUE_STRUCT)."""
+    netns, ifindex, saddr, daddr, sport, dport, proto, family, _ = key
     (packets, nbytes, segments, fragments, first_ns, pid, fib_table, route_ifindex, fib_ifindex,
-     route_type, route_src, flags, _, comm, dev, route_dev, fib_dev) = VALUE_STRUCT.unpack(value)
+     route_type, route_src, flags, _, comm, dev, route_dev, fib_dev) = value
     has_route = route_src != 0
     has_fib = bool(flags & FLOW_HAS_FIB)
     dev_name = kernel_string(dev)
@@ -152,20 +157,15 @@ def decode_entry(key: bytes, value: bytes, backend: str) -> tuple[Flow, bool]:
     return flow, bool(flags & FLOW_CONTINUED)
 
 
-_COUNTS = struct.Struct("=QQQQ")           # the first four members of struct flow_value
+COUNTS_STRUCT = struct.Struct("=QQQQ")     # the first four members of struct flow_value
 
 
-def entry_key(key: bytes) -> tuple[FlowKey, int, bool]:
-    """Just the identity of a kernel entry: (flow key, transmit ifindex, continued is unknown
-    here). Cheaper than decode_entry for the common case of a flow already known."""
-    netns, ifindex, saddr, daddr, sport, dport, proto, family, _ = KEY_STRUCT.unpack(key)
+def flow_key_of(key: tuple) -> FlowKey:
+    """Just the identity of an unpacked kernel key (KEY_STRUCT): cheaper than decode_fields for
+    the common case of a flow already known."""
+    netns, _ifindex, saddr, daddr, sport, dport, proto, family, _ = key
     return FlowKey(netns, PROTOCOLS_BY_FAMILY.get(proto, str(proto)), address(family, saddr), sport,
-                   address(family, daddr), dport), ifindex
-
-
-def entry_counts(value: bytes) -> tuple[int, int, int, int]:
-    """(packets, bytes, segments, fragments) of a kernel entry."""
-    return _COUNTS.unpack_from(value)
+                   address(family, daddr), dport)
 
 
 def device_of(flow: Flow, ifindex: int) -> dict | None:

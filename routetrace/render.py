@@ -1,7 +1,9 @@
 """Views of flows: streaming lines (bcc-tool style), the summary table, JSON lines."""
 from __future__ import annotations
 
+import io
 import json
+import os
 import time
 from typing import Callable
 
@@ -155,3 +157,20 @@ def csv_rows(flows: list[Flow]):
 
 def json_line(obj: dict) -> str:
     return json.dumps(obj, sort_keys=False, separators=(",", ":"))
+
+
+def write_stream(out, text: str) -> None:
+    """Write live output now, whole and once. To a file descriptor this loops on os.write
+    itself: CPython's buffered writers, when a signal (Ctrl-C, which watch catches to finish)
+    interrupts a partly written pipe write, write the interrupted part again -- a stream line
+    duplicated into the middle of another."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        out.write(text)
+        out.flush()
+        return
+    out.flush()                        # whatever print() left in the text layer goes first
+    data = memoryview(text.encode(getattr(out, "encoding", None) or "utf-8", getattr(out, "errors", None) or "strict"))
+    while data:
+        data = data[os.write(fd, data):]
