@@ -192,12 +192,14 @@ class Tracer:
         from drain())."""
         if self._table(b"new_flows") is None:
             return []
-        if self._behind:
+        if not self._behind:
             # Stopped at the budget last time: records are waiting, and the kernel wakes a reader
             # only when it had caught up. Waiting in epoll now would sleep the whole timeout.
-            self._bpf.ring_buffer_consume()
-        else:
             self._bpf.ring_buffer_poll(timeout_ms)
+        if len(self._pending) < POLL_BUDGET:
+            # Notices submitted without a wakeup (bpf/common.c limits them) are read here, at
+            # the latest when the poll times out.
+            self._bpf.ring_buffer_consume()
         out, self._pending = self._pending, []
         self._behind = len(out) >= POLL_BUDGET
         return out
