@@ -110,19 +110,24 @@ class FlowTable:
 
     def update(self, flow: Flow) -> bool:
         """Store a snapshot; True when the flow is new. Counters never go backwards."""
-        old = self._flows.get(flow.key)
+        key = flow.key
+        flows = self._flows
+        old = flows.get(key)
         if old is not None and flow.packets < old.packets:
             return False
-        self._flows[flow.key] = flow
-        self._flows.move_to_end(flow.key)
+        flows[key] = flow
         if old is None:
             self.seen += 1
-            self._fold_overflow()
-        return old is None
+            if self.limit is not None and len(flows) > self.limit:
+                self._fold_overflow()
+            return True
+        flows.move_to_end(key)
+        return False
 
     def notice(self, flow: Flow) -> bool:
         """A new-flow notice: True (stream it) when the flow was not known yet."""
-        if flow.key in self._flows or (self.folded and hash(flow.key) in self._recent_folds):
+        key = flow.key
+        if key in self._flows or (self.folded and hash(key) in self._recent_folds):
             return False
         return self.update(flow)
 
@@ -142,13 +147,14 @@ class FlowTable:
         """Counts of one drained (flow, device) entry. Returns the flow when it is new to the
         table (its notice was late or lost: stream it now). A continued entry whose flow was
         folded adds to its aggregate, not as a new flow."""
-        flow = self._flows.get(part.key)
+        key = part.key
+        flow = self._flows.get(key)
         if flow is not None:
             merge_into(flow, part, now_ns)
             if part.packets:
-                self._flows.move_to_end(part.key)
+                self._flows.move_to_end(key)
             return None
-        if self.folded and (continued or hash(part.key) in self._recent_folds):
+        if self.folded and (continued or hash(key) in self._recent_folds):
             self._fold_counts(part, new_flow=False)
             return None
         part.last_ns = max(part.last_ns, now_ns) if part.packets else part.last_ns

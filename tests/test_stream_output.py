@@ -44,3 +44,22 @@ def test_a_stream_interrupted_by_signals_has_every_line_once_and_whole():
     assert proc.returncode == 0
     numbers = [json.loads(line)["i"] for line in b"".join(chunks).decode().splitlines()]
     assert numbers == list(range(200 * 2000))
+
+
+def test_a_decoded_entry_is_the_flow_the_constructor_makes_and_streams_as_its_dict():
+    """decode_fields builds the instance's dict directly (the storm's hot path): it must be the
+    very object Flow(...) makes, field for field and in order, and its JSON line the same."""
+    import dataclasses
+    from routetrace.events import KEY_STRUCT, VALUE_STRUCT, Flow, decode_entry
+    from routetrace.render import flow_json_line, json_line
+    key = KEY_STRUCT.pack(7, 3, b"\x7f\0\0\x01".ljust(16, b"\0"), b"\xc6\x33\x64\x01".ljust(16, b"\0"), 40000, 8888,
+                          17, 4, 0)
+    value = VALUE_STRUCT.pack(2, 120, 2, 0, 10, 42, 254, 1, 2, 2, 1, 0x01 | 0x08, 0, b"c\xc3\x28rl\x1b", b"veth\"0",
+                              b"lo", b"eth0")
+    flow, _ = decode_entry(key, value, "tracepoint")
+    made = Flow(**{f.name: getattr(flow, f.name) for f in dataclasses.fields(Flow)})
+    assert flow == made and flow.extra == made.extra == {"v4_mapped_socket": True}
+    assert [k for k in vars(flow) if not k.startswith("_")] == [k for k in vars(made) if not k.startswith("_")]
+    assert flow.key == made.key
+    assert flow_json_line(flow) == json_line(flow.to_dict()) == json_line(made.to_dict())
+    assert json.loads(flow_json_line(flow))["comm"] == flow.comm        # escaped, not raw
