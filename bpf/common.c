@@ -390,8 +390,8 @@ static __always_inline struct flow_value *lookup_flow(u32 epoch, struct flow_key
 
 /* Reserved and submitted in one place: older verifiers (6.1) lose track of a reservation
  * held across other branches. A submit that wakes the reader costs an irq_work and a context
- * switch; at most one notice per CPU per WAKEUP_INTERVAL_NS may wake it, the others wait for
- * the reader's next wakeup or poll timeout (user space reads the ring at every pump). */
+ * switch; one notice per CPU per WAKEUP_INTERVAL_NS wakes it, the others wait for that wakeup
+ * (or the reader's poll timeout: user space reads the ring at every pump). */
 static __always_inline void notify_new_flow(struct flow_key *key, struct flow_value *v)
 {
     struct new_flow_event *ev = new_flows.ringbuf_reserve(sizeof(*ev));
@@ -406,7 +406,9 @@ static __always_inline void notify_new_flow(struct flow_key *key, struct flow_va
     u64 *last = last_wakeup.lookup(&zero);
     if (last && v->first_ns - *last >= WAKEUP_INTERVAL_NS) {
         *last = v->first_ns;
-        flags = 0;                    /* the default: wake the reader if it is waiting */
+        /* Forced: the default wakes the reader only when the ring was empty before this
+         * notice, which after notices without a wakeup it is not. */
+        flags = BPF_RB_FORCE_WAKEUP;
     }
     new_flows.ringbuf_submit(ev, flags);
 }
