@@ -401,6 +401,11 @@ static __always_inline void notify_new_flow(struct flow_key *key, struct flow_va
     }
     ev->key = *key;
     ev->value = *v;
+    /* The entry holds its first packet's counts; the drain reports them, not the notice. */
+    ev->value.packets = 0;
+    ev->value.bytes = 0;
+    ev->value.segments = 0;
+    ev->value.fragments = 0;
     u64 flags = BPF_RB_NO_WAKEUP;
     int zero = 0;
     u64 *last = last_wakeup.lookup(&zero);
@@ -413,20 +418,28 @@ static __always_inline void notify_new_flow(struct flow_key *key, struct flow_va
     new_flows.ringbuf_submit(ev, flags);
 }
 
+enum create_result { FLOW_CREATED, FLOW_RACED, FLOW_NOT_CREATED, FLOW_FILTERED };
+
 /* The first packet of a (flow, device) in this epoch: everything that does not change per
- * packet is read once, here. Returns the entry to count into, or NULL when the map is full. */
-static __always_inline struct flow_value *create_flow(u32 epoch, struct flow_key *key, void *dev,
-                                                      void *refdst, void *sk)
+ * packet is read once, here, and the entry is inserted holding that packet's counts (no
+ * lookup after the insert, no atomics). FLOW_RACED: another CPU inserted the same key first,
+ * count into its entry; FLOW_NOT_CREATED: the map is full. */
+static __always_inline int create_flow(u32 epoch, struct flow_key *key, void *dev, void *refdst, void *sk,
+                                       u64 bytes, u16 segments, u8 is_fragment)
 {
 #ifdef FILTER_PID
     if ((bpf_get_current_pid_tgid() >> 32) != FILTER_PID)
-        return 0;
+        return FLOW_FILTERED;
 #endif
     int zero = 0;
     struct flow_value *v = scratch.lookup(&zero);
     if (!v)
-        return 0;
+        return FLOW_NOT_CREATED;
     __builtin_memset(v, 0, sizeof(*v));
+    v->packets = 1;
+    v->bytes = bytes;
+    v->segments = segments;
+    v->fragments = is_fragment;
     v->first_ns = bpf_ktime_get_ns();
     v->pid = bpf_get_current_pid_tgid() >> 32;
     bpf_get_current_comm(&v->comm, sizeof(v->comm));
@@ -468,8 +481,9 @@ static __always_inline struct flow_value *create_flow(u32 epoch, struct flow_key
         count_stat(epoch ? STAT_CREATED_1 : STAT_CREATED_0, 1);
         if (!continued)
             notify_new_flow(key, v);
+        return FLOW_CREATED;
     }
-    return lookup_flow(epoch, key);   /* ours, or another CPU's that won the race */
+    return err == -EEXIST ? FLOW_RACED : FLOW_NOT_CREATED;
 }
 
 /* IPv6 extension headers before the transport header: a few, bounded. Returns the transport
@@ -606,14 +620,15 @@ static __always_inline int account_xmit(void *skb)
     int zero = 0;
     u32 *ep = control.lookup(&zero);
     u32 epoch = ep ? (*ep & 1) : 0;
+    u16 segments = gso_segs > 1 ? gso_segs : 1;
     struct flow_value *fv = lookup_flow(epoch, &key);
     if (!fv) {
-        fv = create_flow(epoch, &key, dev, SKB_FIELD(void *, OFF_SKB_REFDST), SKB_FIELD(void *, OFF_SKB_SK));
+        int created = create_flow(epoch, &key, dev, SKB_FIELD(void *, OFF_SKB_REFDST), SKB_FIELD(void *, OFF_SKB_SK),
+                                  bytes, segments, is_fragment);
+        if (created == FLOW_CREATED || created == FLOW_FILTERED)
+            return 0;                 /* counted in the new entry / another process's flow */
+        fv = created == FLOW_RACED ? lookup_flow(epoch, &key) : 0;
         if (!fv) {
-#ifdef FILTER_PID
-            if ((bpf_get_current_pid_tgid() >> 32) != FILTER_PID)
-                return 0;             /* not filtered out yet: a flow of another process */
-#endif
             count_stat(STAT_LOST_PACKETS, 1);
             count_stat(STAT_LOST_BYTES, bytes);
             return 0;
@@ -621,7 +636,7 @@ static __always_inline int account_xmit(void *skb)
     }
     __sync_fetch_and_add(&fv->packets, 1);
     __sync_fetch_and_add(&fv->bytes, bytes);
-    __sync_fetch_and_add(&fv->segments, gso_segs > 1 ? gso_segs : 1);
+    __sync_fetch_and_add(&fv->segments, segments);
     if (is_fragment)
         __sync_fetch_and_add(&fv->fragments, 1);
     return 0;
