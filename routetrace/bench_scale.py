@@ -84,7 +84,7 @@ def run_case(name, flows, per_flow, procs, extra, rate: float = 0) -> dict:
         storms = [subprocess.Popen(["ip", "netns", "exec", sb.host, sys.executable, "-m", "routetrace.storm",
                                     sb.peer_addr, str(per_proc), "--packets", str(per_flow),
                                     "--base-port", str(1024 + i * 30000 if procs > 1 else 20000),
-                                    "--sockets", str(max(1, per_proc // 25000)),
+                                    "--sockets", str(-(-per_proc // 25000)),   # at most 25,000 ports per socket
                                     *(["--rate", str(rate / procs)] if rate else [])], stdout=subprocess.PIPE, text=True)
                   for i in range(procs)]
         sent = [json.loads(p.communicate()[0]) for p in storms]
