@@ -394,6 +394,16 @@ static __always_inline struct flow_value *lookup_flow(u32 epoch, struct flow_key
  * (or the reader's poll timeout: user space reads the ring at every pump). */
 static __always_inline void notify_new_flow(struct flow_key *key, struct flow_value *v)
 {
+    /* Decided before the reservation: nothing but copies between reserve and submit. */
+    u64 flags = BPF_RB_NO_WAKEUP;
+    int zero = 0;
+    u64 *last = last_wakeup.lookup(&zero);
+    if (last && v->first_ns - *last >= WAKEUP_INTERVAL_NS) {
+        *last = v->first_ns;
+        /* Forced: the default wakes the reader only when the ring was empty before this
+         * notice, which after notices without a wakeup it is not. */
+        flags = BPF_RB_FORCE_WAKEUP;
+    }
     struct new_flow_event *ev = new_flows.ringbuf_reserve(sizeof(*ev));
     if (!ev) {
         count_stat(STAT_EVENTS_DROPPED, 1);
@@ -406,15 +416,6 @@ static __always_inline void notify_new_flow(struct flow_key *key, struct flow_va
     ev->value.bytes = 0;
     ev->value.segments = 0;
     ev->value.fragments = 0;
-    u64 flags = BPF_RB_NO_WAKEUP;
-    int zero = 0;
-    u64 *last = last_wakeup.lookup(&zero);
-    if (last && v->first_ns - *last >= WAKEUP_INTERVAL_NS) {
-        *last = v->first_ns;
-        /* Forced: the default wakes the reader only when the ring was empty before this
-         * notice, which after notices without a wakeup it is not. */
-        flags = BPF_RB_FORCE_WAKEUP;
-    }
     new_flows.ringbuf_submit(ev, flags);
 }
 
