@@ -178,7 +178,7 @@ class Session:
                     if recorder:
                         self._dirty[key] = table.get(key)
                     continue
-                part, continued = decode_fields(raw_key, VALUE_STRUCT.unpack_from(values, i * vsize), backend)
+                part, continued = decode_fields(raw_key, VALUE_STRUCT.unpack_from(values, i * vsize), backend, key)
                 flow = table.add(part, continued, now)
                 if flow is not None:
                     new.append(flow)
