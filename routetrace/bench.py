@@ -423,7 +423,7 @@ class Pumper:
         t0 = time.thread_time()
         try:
             while not self._stop.is_set():
-                self.flows += len(self.session.pump(self.interval_ms))
+                self.flows += self.session.pump(self.interval_ms)
         except BaseException as exc:     # noqa: BLE001 - reported by the main thread
             self.error = exc
         finally:

@@ -25,6 +25,10 @@ CASES = [  # name, flows, packets per flow, storm processes, extra watch flags
     ("1e5 x 1, --max-flows 1024", 100_000, 1, 2, ["--max-flows", "1024"]),
 ]
 QUICK = {"1e4 flows x 1", "3e4 flows x 3", "1e5 x 1, --max-flows 1024"}
+# --sweep: new flows paced at a steady rate (two senders), to find the rate the session keeps up
+# with -- no notice dropped, no packet lost -- on this machine.
+SWEEP_SECONDS = 4
+SWEEP_RATES = (25_000, 50_000, 75_000, 100_000, 150_000, 200_000)
 
 
 def handed(ns: str) -> int:
@@ -49,7 +53,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_case(name, flows, per_flow, procs, extra) -> dict:
+def run_case(name, flows, per_flow, procs, extra, rate: float = 0) -> dict:
     with Sandbox() as sb:
         subprocess.run(["ip", "netns", "exec", sb.host, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"], check=True)
         subprocess.run(["ip", "netns", "exec", sb.host, sys.executable, "-c",
@@ -80,7 +84,8 @@ def run_case(name, flows, per_flow, procs, extra) -> dict:
         storms = [subprocess.Popen(["ip", "netns", "exec", sb.host, sys.executable, "-m", "routetrace.storm",
                                     sb.peer_addr, str(per_proc), "--packets", str(per_flow),
                                     "--base-port", str(1024 + i * 30000 if procs > 1 else 20000),
-                                    "--sockets", str(max(1, per_proc // 25000))], stdout=subprocess.PIPE, text=True)
+                                    "--sockets", str(-(-per_proc // 25000)),   # at most 25,000 ports per socket
+                                    *(["--rate", str(rate / procs)] if rate else [])], stdout=subprocess.PIPE, text=True)
                   for i in range(procs)]
         sent = [json.loads(p.communicate()[0]) for p in storms]
         storm_s = time.perf_counter() - start
@@ -116,15 +121,23 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--case", action="append", help="run only cases whose name contains this")
+    ap.add_argument("--sweep", action="store_true",
+                    help="paced storms at rising rates instead of the cases (--case 25000,50000: these rates)")
     args = ap.parse_args()
+    cases = [(name, flows, per, procs, extra, 0) for name, flows, per, procs, extra in CASES]
+    if args.sweep:
+        rates = [int(r) for c in args.case or [] for r in c.split(",") if r.isdigit()] or SWEEP_RATES
+        args.case = None
+        cases = [(f"paced {rate // 1000}k/s x {SWEEP_SECONDS} s", rate * SWEEP_SECONDS, 1, 2, [], rate)
+                 for rate in rates]
     previous = STATS_SYSCTL.read_text().strip()
     STATS_SYSCTL.write_text("1")
     rows = []
     try:
-        for name, flows, per, procs, extra in CASES:
+        for name, flows, per, procs, extra, rate in cases:
             if args.quick and name not in QUICK or args.case and not any(c in name for c in args.case):
                 continue
-            r = run_case(name, flows, per, procs, extra)
+            r = run_case(name, flows, per, procs, extra, rate)
             rows.append(r)
             print(json.dumps(r) if args.json else f"{name}: done", file=sys.stdout if args.json else sys.stderr,
                   flush=True)

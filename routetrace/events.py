@@ -85,14 +85,20 @@ class Flow:
         return key
 
     def to_dict(self) -> dict:
-        # By hand rather than asdict(), which deep-copies field by field: a storm streams
-        # hundreds of thousands of these.
-        out = {"type": "flow"}
-        for name in _FLOW_FIELDS:
-            out[name] = getattr(self, name)
+        # From the instance's own dict rather than asdict(), which deep-copies field by field:
+        # a storm streams hundreds of thousands of these. (A dataclass's __dict__ holds its
+        # fields in declaration order, then the cached key.)
+        out = self.shallow_dict()
         out["xmit_devs"] = dict(self.xmit_devs)
         out["devices"] = [dict(d) for d in self.devices]
-        for k, v in self.extra.items():
+        return out
+
+    def shallow_dict(self) -> dict:
+        """to_dict without copying the nested device dicts: for a view made and dropped at once."""
+        out = {"type": "flow", **self.__dict__}
+        out.pop("_key", None)
+        extra = out.pop("extra")
+        for k, v in extra.items():
             out.setdefault(k, v)
         return out
 
@@ -110,7 +116,6 @@ FLOW_HAS_FIB, FLOW_ROUTE_LOOPBACK, FLOW_DEV_LOOPBACK, FLOW_V4_MAPPED_SOCKET, FLO
 PROTOCOLS_BY_FAMILY = {**PROTOCOLS, socket.IPPROTO_ICMPV6: "icmp6"}
 
 
-_FLOW_FIELDS = tuple(f.name for f in fields(Flow) if f.name != "extra")
 
 
 def address(family: int, raw: bytes) -> str:
@@ -122,50 +127,55 @@ def address(family: int, raw: bytes) -> str:
 def decode_entry(key: bytes, value: bytes, backend: str) -> tuple[Flow, bool]:
     """One kernel entry (a flow on one transmit device) as a Flow with one device, and whether
     the kernel marked it as continuing from the previous epoch."""
-    netns, ifindex, saddr, daddr, sport, dport, proto, family, _ = KEY_STRUCT.unpack(key)
+    return decode_fields(KEY_STRUCT.unpack(key), VALUE_STRUCT.unpack(value), backend)
+
+
+def decode_fields(key: tuple, value: tuple, backend: str, flow_key: FlowKey | None = None) -> tuple[Flow, bool]:
+    """decode_entry, from the structs already unpacked (KEY_STRUCT, VALUE_STRUCT); flow_key
+    when the caller has it already (flow_key_of)."""
+    netns, ifindex, saddr, daddr, sport, dport, proto, family, _ = key
     (packets, nbytes, segments, fragments, first_ns, pid, fib_table, route_ifindex, fib_ifindex,
-     route_type, route_src, flags, _, comm, dev, route_dev, fib_dev) = VALUE_STRUCT.unpack(value)
+     route_type, route_src, flags, _, comm, dev, route_dev, fib_dev) = value
+    if flow_key is None:
+        flow_key = FlowKey(netns, PROTOCOLS_BY_FAMILY.get(proto, str(proto)), address(family, saddr), sport,
+                           address(family, daddr), dport)
     has_route = route_src != 0
-    has_fib = bool(flags & FLOW_HAS_FIB)
+    has_fib = flags & FLOW_HAS_FIB
     dev_name = kernel_string(dev)
-    flow = Flow(
-        proto=PROTOCOLS_BY_FAMILY.get(proto, str(proto)),
-        saddr=address(family, saddr), sport=sport,
-        daddr=address(family, daddr), dport=dport,
-        netns=netns, pid=pid, comm=kernel_string(comm),
-        route_type=route_type_name(route_type) if has_route else None,
-        route_dev=(kernel_string(route_dev) or None) if has_route else None,
-        fib_dev=(kernel_string(fib_dev) or None) if has_fib else None,
-        fib_table=fib_table if has_fib else None,
-        xmit_devs={dev_name: packets},       # a notice carries the device, with no counts yet
-        packets=packets, bytes=nbytes, first_ns=first_ns, last_ns=first_ns, backend=backend,
-        family=family, segments=segments, route_src=ROUTE_SOURCES.get(route_src),
-        route_ifindex=route_ifindex if has_route else None,
-        route_loopback=bool(flags & FLOW_ROUTE_LOOPBACK) if has_route else None,
-        fib_ifindex=fib_ifindex if has_fib else None,
-        devices=[{"ifindex": ifindex, "name": dev_name, "loopback": bool(flags & FLOW_DEV_LOOPBACK),
-                  "packets": packets, "segments": segments, "bytes": nbytes}],
-        fragments=fragments,
-    )
-    if flags & FLOW_V4_MAPPED_SOCKET:
-        flow.extra["v4_mapped_socket"] = True
+    # The instance's dict built directly, in field order: the same object Flow(...) makes,
+    # without a 27-argument __init__ per flow (the hot path of a storm).
+    flow = object.__new__(Flow)
+    flow.__dict__ = {
+        "proto": flow_key.proto, "saddr": flow_key.saddr, "sport": sport,
+        "daddr": flow_key.daddr, "dport": dport, "netns": netns, "pid": pid, "comm": kernel_string(comm),
+        "route_type": route_type_name(route_type) if has_route else None,
+        "route_dev": (kernel_string(route_dev) or None) if has_route else None,
+        "fib_dev": (kernel_string(fib_dev) or None) if has_fib else None,
+        "fib_table": fib_table if has_fib else None,
+        "xmit_devs": {dev_name: packets},       # a notice carries the device, with no counts yet
+        "packets": packets, "bytes": nbytes, "first_ns": first_ns, "last_ns": first_ns, "backend": backend,
+        "family": family, "segments": segments, "route_src": ROUTE_SOURCES.get(route_src),
+        "route_ifindex": route_ifindex if has_route else None,
+        "route_loopback": bool(flags & FLOW_ROUTE_LOOPBACK) if has_route else None,
+        "fib_ifindex": fib_ifindex if has_fib else None,
+        "devices": [{"ifindex": ifindex, "name": dev_name, "loopback": bool(flags & FLOW_DEV_LOOPBACK),
+                     "packets": packets, "segments": segments, "bytes": nbytes}],
+        "fragments": fragments,
+        "extra": {"v4_mapped_socket": True} if flags & FLOW_V4_MAPPED_SOCKET else {},
+        "_key": flow_key,
+    }
     return flow, bool(flags & FLOW_CONTINUED)
 
 
-_COUNTS = struct.Struct("=QQQQ")           # the first four members of struct flow_value
+COUNTS_STRUCT = struct.Struct("=QQQQ")     # the first four members of struct flow_value
 
 
-def entry_key(key: bytes) -> tuple[FlowKey, int, bool]:
-    """Just the identity of a kernel entry: (flow key, transmit ifindex, continued is unknown
-    here). Cheaper than decode_entry for the common case of a flow already known."""
-    netns, ifindex, saddr, daddr, sport, dport, proto, family, _ = KEY_STRUCT.unpack(key)
+def flow_key_of(key: tuple) -> FlowKey:
+    """Just the identity of an unpacked kernel key (KEY_STRUCT): cheaper than decode_fields for
+    the common case of a flow already known."""
+    netns, _ifindex, saddr, daddr, sport, dport, proto, family, _ = key
     return FlowKey(netns, PROTOCOLS_BY_FAMILY.get(proto, str(proto)), address(family, saddr), sport,
-                   address(family, daddr), dport), ifindex
-
-
-def entry_counts(value: bytes) -> tuple[int, int, int, int]:
-    """(packets, bytes, segments, fragments) of a kernel entry."""
-    return _COUNTS.unpack_from(value)
+                   address(family, daddr), dport)
 
 
 def device_of(flow: Flow, ifindex: int) -> dict | None:

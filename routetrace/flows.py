@@ -6,6 +6,7 @@ own-address flows were transmitted on, and shows any other flow leaving on its r
 from __future__ import annotations
 
 import ipaddress
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, NamedTuple
@@ -58,12 +59,44 @@ class Aggregate:
 DEFAULT_KEEP_FLOWS = 20000
 
 
+class RecentKeys:
+    """The last `size` key hashes added, for membership: a set and a ring of the same hashes
+    (a few hundred thousand of them cost ~60 bytes each, an OrderedDict twice that)."""
+
+    def __init__(self, size: int):
+        self._ring = array("q", bytes(8 * size)) if size else array("q")
+        self._next = 0
+        self._filled = False
+        self._members: set[int] = set()
+
+    def add(self, h: int) -> None:
+        if not self._ring:
+            return
+        if self._filled:
+            self._members.discard(self._ring[self._next])
+        self._ring[self._next] = h
+        self._members.add(h)
+        self._next += 1
+        if self._next == len(self._ring):
+            self._next, self._filled = 0, True
+
+    def __contains__(self, h: int) -> bool:
+        return h in self._members
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+
 class FlowTable:
     """The flows of a trace, by key, in a bounded table: past `limit` rows the least recently
     active flow is folded into an Aggregate (its counts are kept, its row is not). Live drains
     add counts (`add`); recordings replace snapshots (`update`); both fold the same way."""
 
-    def __init__(self, limit: int | None = DEFAULT_KEEP_FLOWS):
+    def __init__(self, limit: int | None = DEFAULT_KEEP_FLOWS, remember_folds: int = 0):
+        """remember_folds: how many folded flows to recognise when the kernel reports them again
+        (at least 4x the limit). A live session sizes it to what can arrive between a flow's
+        notice and the drain of its entry (the maps' and the ring's capacity), so a flow folded
+        meanwhile is not mistaken for a new one and streamed twice."""
         self.limit = limit
         self._flows: OrderedDict[FlowKey, Flow] = OrderedDict()
         self.aggregates: dict[AggregateKey, Aggregate] = {}
@@ -72,25 +105,29 @@ class FlowTable:
         self.on_fold = None              # callback(flow): the recorder writes it down
         # Keys of recently folded flows (hashes, a few times the limit): a folded flow that
         # sends again adds to its aggregate instead of coming back as a new row.
-        self._recent_folds: OrderedDict[int, None] = OrderedDict()
-        self._recent_limit = 4 * limit if limit else 0
+        self._recent_folds = RecentKeys(max(4 * limit, remember_folds) if limit else 0)
         self._changed_aggregates: set[AggregateKey] = set()   # since take_changed_aggregates()
 
     def update(self, flow: Flow) -> bool:
         """Store a snapshot; True when the flow is new. Counters never go backwards."""
-        old = self._flows.get(flow.key)
+        key = flow.key
+        flows = self._flows
+        old = flows.get(key)
         if old is not None and flow.packets < old.packets:
             return False
-        self._flows[flow.key] = flow
-        self._flows.move_to_end(flow.key)
+        flows[key] = flow
         if old is None:
             self.seen += 1
-            self._fold_overflow()
-        return old is None
+            if self.limit is not None and len(flows) > self.limit:
+                self._fold_overflow()
+            return True
+        flows.move_to_end(key)
+        return False
 
     def notice(self, flow: Flow) -> bool:
         """A new-flow notice: True (stream it) when the flow was not known yet."""
-        if flow.key in self._flows or (self.folded and hash(flow.key) in self._recent_folds):
+        key = flow.key
+        if key in self._flows or (self.folded and hash(key) in self._recent_folds):
             return False
         return self.update(flow)
 
@@ -110,13 +147,14 @@ class FlowTable:
         """Counts of one drained (flow, device) entry. Returns the flow when it is new to the
         table (its notice was late or lost: stream it now). A continued entry whose flow was
         folded adds to its aggregate, not as a new flow."""
-        flow = self._flows.get(part.key)
+        key = part.key
+        flow = self._flows.get(key)
         if flow is not None:
             merge_into(flow, part, now_ns)
             if part.packets:
-                self._flows.move_to_end(part.key)
+                self._flows.move_to_end(key)
             return None
-        if self.folded and (continued or hash(part.key) in self._recent_folds):
+        if self.folded and (continued or hash(key) in self._recent_folds):
             self._fold_counts(part, new_flow=False)
             return None
         part.last_ns = max(part.last_ns, now_ns) if part.packets else part.last_ns
@@ -128,9 +166,7 @@ class FlowTable:
             key, flow = self._flows.popitem(last=False)
             self._fold_counts(flow, new_flow=True)
             self.folded += 1
-            self._recent_folds[hash(key)] = None
-            if len(self._recent_folds) > self._recent_limit:
-                self._recent_folds.popitem(last=False)
+            self._recent_folds.add(hash(key))
             if self.on_fold:
                 self.on_fold(flow)
 

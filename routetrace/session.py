@@ -8,20 +8,31 @@ or, when a notice was lost, from the drain that finds them: every flow is stream
 """
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from . import netns
-from .events import Flow, LossCounters, decode_entry, devices_of, entry_counts, entry_key
+from .events import (COUNTS_STRUCT, KEY_STRUCT, VALUE_STRUCT, Flow, LossCounters, decode_fields, devices_of,
+                     flow_key_of)
 from .flows import DEFAULT_KEEP_FLOWS, FlowTable, Verdict, classify, verdict
 from .probes import AttachPlan
 from .record import TraceWriter
 from .tracer import Tracer
 
 RECORD_INTERVAL_S = 1.0
+GC_THRESHOLD = 50_000          # allocations between young-generation collections (CPython: 700)
 DRAIN_INTERVAL_S = 0.5
+
+
+NOTICE_BYTES = KEY_STRUCT.size + VALUE_STRUCT.size + 8     # struct new_flow_event + the ring's header
+
+
+def ring_notices(ring_pages: int) -> int:
+    """New-flow notices the ring holds when full."""
+    return ring_pages * 4096 // ((NOTICE_BYTES + 7) // 8 * 8)
 
 
 class OwnAddresses:
@@ -61,7 +72,10 @@ class Session:
                  addresses: Callable[[int], set[str]] = netns.addresses):
         self.plan, self.headers_path, self.recorder = plan, headers_path, recorder
         self.kernel_release = kernel_release or os.uname().release
-        self.table = FlowTable(keep_flows)
+        # A flow's notice can be read (and the flow folded) up to three maps' worth of new flows
+        # and a full ring before the drain that reports its counts: remember that many folds.
+        limits = plan.limits
+        self.table = FlowTable(keep_flows, remember_folds=3 * limits.max_flows + ring_notices(limits.ring_pages))
         self.table.on_fold = self._folded
         self.own = OwnAddresses(self._learned if recorder else None, addresses)
         self._tracer: Tracer | None = None
@@ -72,6 +86,8 @@ class Session:
         self.serve_metrics = False
         self._metrics: list = []
         self.on_loss: Callable[[LossCounters], None] | None = None
+        # New flows, a batch at a time (a poll's notices, one drained chunk), each flow once.
+        self.on_flows: Callable[[list[Flow]], None] | None = None
 
     # ---- recording ------------------------------------------------------------------------
 
@@ -99,6 +115,13 @@ class Session:
 
     def __enter__(self) -> "Session":
         self._tracer = Tracer(self.plan, self.headers_path).__enter__()
+        # A storm makes and drops hundreds of thousands of acyclic flow records per second;
+        # the collector's passes over them (and over everything bcc left from the compile)
+        # were a third of the decode time. Collect less often, and never rescan what exists now.
+        self._gc_threshold = gc.get_threshold()
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD, *self._gc_threshold[1:])
         if self.recorder:
             self.recorder.header(kernel=self.kernel_release, plan=self.plan.describe(),
                                  filters=self.plan.filters.describe(), start_ns=time.monotonic_ns(),
@@ -111,6 +134,8 @@ class Session:
             if self.recorder:
                 self.recorder.close()
         finally:
+            gc.set_threshold(*self._gc_threshold)
+            gc.unfreeze()
             self._tracer.__exit__(*exc)
 
     def set_attached(self, attached: bool) -> None:
@@ -122,35 +147,50 @@ class Session:
 
     # ---- the loop -------------------------------------------------------------------------
 
-    def _take_notices(self, timeout_ms: int) -> list[Flow]:
+    def _stream(self, flows: list[Flow]) -> int:
+        """Hand new flows on (watch prints them) as soon as a batch is complete: a poll's notices
+        or one drained chunk -- never a whole drain's worth at once."""
+        if not flows:
+            return 0
+        for flow in flows:
+            self.own(flow.netns)
+        if self.on_flows:
+            self.on_flows(flows)
+        return len(flows)
+
+    def _take_notices(self, timeout_ms: int) -> int:
         new = [f for f in self._tracer.poll(timeout_ms) if self.table.notice(f)]
         if self.recorder:
             for flow in new:
                 self._dirty[flow.key] = flow
-        return new
+        return self._stream(new)
 
-    def _take_counts(self, final: bool = False) -> list[Flow]:
+    def _take_counts(self, final: bool = False) -> int:
         now = time.monotonic_ns()
-        new = []
-        for raw_key, raw_value in self._tracer.drain(final=final):
-            key, ifindex = entry_key(raw_key)
-            counts = entry_counts(raw_value)
-            if self.table.add_counts(key, ifindex, counts, now):
-                if self.recorder:
-                    self._dirty[key] = self.table.get(key)
-                continue
-            part, continued = decode_entry(raw_key, raw_value, self.plan.backend)
-            flow = self.table.add(part, continued, now)
-            if flow is not None:
-                new.append(flow)
-            if self.recorder and (current := self.table.get(part.key)) is not None:
-                self._dirty[part.key] = current
+        table, recorder, backend = self.table, self.recorder, self.plan.backend
+        vsize = VALUE_STRUCT.size
+        streamed = 0
+        for keys, values, _count in self._tracer.drain(final=final):
+            new = []
+            for i, raw_key in enumerate(KEY_STRUCT.iter_unpack(keys)):
+                key = flow_key_of(raw_key)
+                if table.add_counts(key, raw_key[1], COUNTS_STRUCT.unpack_from(values, i * vsize), now):
+                    if recorder:
+                        self._dirty[key] = table.get(key)
+                    continue
+                part, continued = decode_fields(raw_key, VALUE_STRUCT.unpack_from(values, i * vsize), backend, key)
+                flow = table.add(part, continued, now)
+                if flow is not None:
+                    new.append(flow)
+                if recorder and (current := table.get(key)) is not None:
+                    self._dirty[key] = current
+            streamed += self._stream(new)
         self._last_drain = time.monotonic()
-        return new
+        return streamed
 
-    def pump(self, timeout_ms: int) -> list[Flow]:
-        """Wait up to timeout_ms for new flows; returns those to stream. Drains the kernel's
-        counts when due, reports loss when it grows, records once a second."""
+    def pump(self, timeout_ms: int) -> int:
+        """Wait up to timeout_ms for new flows and hand them to on_flows; returns how many.
+        Drains the kernel's counts when due, reports loss when it grows, records once a second."""
         new = self._take_notices(timeout_ms)
         due = time.monotonic() - self._last_drain >= DRAIN_INTERVAL_S
         if due or self._tracer.created_since_drain() >= self.plan.limits.max_flows // 2:
@@ -159,8 +199,6 @@ class Session:
             self._check_losses()
             if self.serve_metrics:
                 self._snapshot_metrics()
-        for flow in new:
-            self.own(flow.netns)
         self._record()
         return new
 
@@ -176,14 +214,13 @@ class Session:
     def losses(self) -> LossCounters:
         return self._losses
 
-    def finish(self) -> tuple[TraceResult, list[Flow]]:
-        """Collect the last notices and counts; the trailer closes the recording. Returns the
-        result and the flows first seen now (to stream before the summary)."""
+    def finish(self) -> tuple[TraceResult, int]:
+        """Collect the last notices and counts (new flows go to on_flows, before the summary);
+        the trailer closes the recording. Returns the result and how many flows were first
+        seen now."""
         new = self._take_notices(0)
         new += self._take_counts(final=True)
         new += self._take_notices(0)
-        for flow in new:
-            self.own(flow.netns)
         self._check_losses()               # a last loss line when it grew since the last one
         losses = self._losses
         flows = list(self.table)

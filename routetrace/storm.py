@@ -1,9 +1,10 @@
 """Load for the accounting tests and scripts/bench-scale: many distinct UDP flows, fast, bounded.
 
-    python -m routetrace.storm DEST FLOWS [--packets N] [--size BYTES] [--sockets S]
+    python -m routetrace.storm DEST FLOWS [--packets N] [--size BYTES] [--sockets S] [--rate FLOWS_PER_S]
 
 Flows are (source port, destination port) pairs: S sockets (S source ports), each sending to
-FLOWS/S destination ports from --base-port on, N datagrams per flow. Prints one JSON line:
+FLOWS/S destination ports from --base-port on, N datagrams per flow; --rate paces the new flows
+(checked every 500 sends), otherwise as fast as it can. Prints one JSON line:
 what was sent, so a test can compare it with what was traced. Runs inside whatever network
 namespace it is started in; sends only to DEST.
 """
@@ -17,7 +18,7 @@ import time
 
 
 def storm(dest: str, flows: int, packets: int = 1, size: int = 1, sockets: int = 0,
-          base_port: int = 20000) -> dict:
+          base_port: int = 20000, rate: float = 0) -> dict:
     family = socket.AF_INET6 if ":" in dest else socket.AF_INET
     per_socket = min(flows, 65535 - base_port) if sockets == 0 else -(-flows // sockets)
     socks = []
@@ -37,6 +38,10 @@ def storm(dest: str, flows: int, packets: int = 1, size: int = 1, sockets: int =
                     sent += 1
                 except OSError:
                     errors += 1        # e.g. ENOBUFS: not sent, so not on any device either
+                if rate and (sent + errors) % 500 == 0:
+                    ahead = (flows - remaining + port - base_port) / rate - (time.perf_counter() - start)
+                    if ahead > 0:
+                        time.sleep(ahead)
         remaining -= n
     elapsed = time.perf_counter() - start
     for s in socks:
@@ -53,8 +58,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--size", type=int, default=1)
     p.add_argument("--sockets", type=int, default=0)
     p.add_argument("--base-port", type=int, default=20000)
+    p.add_argument("--rate", type=float, default=0, help="new flows per second (default: as fast as possible)")
     a = p.parse_args(argv)
-    print(json.dumps(storm(a.dest, a.flows, a.packets, a.size, a.sockets, a.base_port)), flush=True)
+    print(json.dumps(storm(a.dest, a.flows, a.packets, a.size, a.sockets, a.base_port, a.rate)), flush=True)
     return 0
 
 

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from .errors import EnvironmentProblem
-from .events import KEY_STRUCT, VALUE_STRUCT, Flow, LossCounters, decode_entry
+from .events import KEY_STRUCT, VALUE_STRUCT, Flow, LossCounters, decode_fields
 from .probes import AttachPlan
 
 BCC_MISSING = ("bcc (python3-bpfcc) is not importable from this Python: run scripts/setup, or "
@@ -28,6 +28,9 @@ _PROG_INFO_SIZE = 256
 _RUN_TIME_NS, _RUN_CNT, _RECURSION_MISSES = 192, 200, 208
 
 POLL_BUDGET = 4096
+# Entries taken out of a flow map per batch call, and handed on before the next: bounds the
+# memory a drain holds (a full map of 65,536 entries decoded at once was ~200 MB).
+DRAIN_CHUNK = 4096
 
 (STAT_EVENTS_DROPPED, STAT_LOST_PACKETS, STAT_LOST_BYTES, STAT_UNDECODED, STAT_CREATED_0, STAT_CREATED_1,
  STAT_ROUTE_UNPAIRED) = range(7)
@@ -178,8 +181,8 @@ class Tracer:
 
     def _on_new_flow(self, _ctx, data, size) -> int:
         raw = ctypes.string_at(data, size)
-        flow, _continued = decode_entry(raw[:KEY_STRUCT.size], raw[KEY_STRUCT.size:KEY_STRUCT.size + VALUE_STRUCT.size],
-                                        self.plan.backend)
+        flow, _continued = decode_fields(KEY_STRUCT.unpack_from(raw), VALUE_STRUCT.unpack_from(raw, KEY_STRUCT.size),
+                                         self.plan.backend)
         self._pending.append(flow)
         # libbpf keeps reading while the kernel keeps writing: past the budget, a negative return
         # ends this poll (the record is consumed and kept), so the caller gets to drain the maps.
@@ -190,12 +193,14 @@ class Tracer:
         from drain())."""
         if self._table(b"new_flows") is None:
             return []
-        if self._behind:
+        if not self._behind:
             # Stopped at the budget last time: records are waiting, and the kernel wakes a reader
             # only when it had caught up. Waiting in epoll now would sleep the whole timeout.
-            self._bpf.ring_buffer_consume()
-        else:
             self._bpf.ring_buffer_poll(timeout_ms)
+        if len(self._pending) < POLL_BUDGET:
+            # Notices submitted without a wakeup (bpf/common.c limits them) are read here, at
+            # the latest when the poll times out.
+            self._bpf.ring_buffer_consume()
         out, self._pending = self._pending, []
         self._behind = len(out) >= POLL_BUDGET
         return out
@@ -211,55 +216,60 @@ class Tracer:
         index = STAT_CREATED_1 if self._epoch else STAT_CREATED_0
         return self._stat(index) - self._created_base[self._epoch]
 
-    def _drain_map(self, table) -> list[tuple[bytes, bytes]]:
+    def _drain_map(self, table):
+        """Empty one flow map in chunks of at most DRAIN_CHUNK entries: yields (keys, values,
+        count), the raw structs back to back, each chunk handed on before the next is taken
+        out of the kernel -- a drain that finds a full map never holds it all in memory."""
         from bcc.libbcc import lib
         ksize, vsize = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
         if (ksize, vsize) != (KEY_STRUCT.size, VALUE_STRUCT.size):
             raise EnvironmentProblem(f"flow map entry is {ksize}+{vsize} bytes, expected "
                                      f"{KEY_STRUCT.size}+{VALUE_STRUCT.size}: bpf/common.c and events.py disagree")
         if self._buffers is None:
-            n = table.max_entries
+            n = min(DRAIN_CHUNK, table.max_entries)
             self._buffers = (n, ctypes.create_string_buffer(n * ksize), ctypes.create_string_buffer(n * vsize))
         n, keys, values = self._buffers
         out_batch, count = ctypes.c_uint32(0), ctypes.c_uint32(0)
         in_batch = ctypes.c_uint32(0)
-        total = 0
-        while total < n:
-            count.value = n - total
+        first = True
+        while True:
+            count.value = n
             res = lib.bpf_lookup_and_delete_batch(
-                table.map_fd, ctypes.byref(in_batch) if total else None, ctypes.byref(out_batch),
-                ctypes.byref(keys, ksize * total), ctypes.byref(values, vsize * total), ctypes.byref(count))
-            # ENOENT: the walk reached the end (count says how many came with it).
+                table.map_fd, None if first else ctypes.byref(in_batch), ctypes.byref(out_batch),
+                keys, values, ctypes.byref(count))
             err = ctypes.get_errno()
-            total += count.value
+            first = False
+            if count.value:
+                yield (ctypes.string_at(keys, count.value * ksize), ctypes.string_at(values, count.value * vsize),
+                       count.value)
             if res != 0:
+                # ENOENT: the walk reached the end (count said how many came with it).
                 if err == errno.ENOENT:
-                    break
+                    return
                 raise EnvironmentProblem(f"draining the flow map failed: {os.strerror(err)} "
                                          "(batch map operations need Linux 5.6 or later)")
             in_batch.value = out_batch.value
-        kraw, vraw = keys.raw, values.raw
-        return [(kraw[i * ksize:(i + 1) * ksize], vraw[i * vsize:(i + 1) * vsize]) for i in range(total)]
 
-    def drain(self, final: bool = False) -> list[tuple[bytes, bytes]]:
-        """Counts since the last drain: the raw (flow_key, flow_value) of every entry (decode
-        them with events.entry_key/entry_counts/decode_entry). Empties the map not in use, then
-        flips to it. final=True also empties the other one (after a short grace for programs
-        still running): nothing counted stays behind."""
+    def drain(self, final: bool = False):
+        """Counts since the last drain, as chunks (keys, values, count) of raw flow_key and
+        flow_value structs (decode them with events.iter_entries). Empties the map not in use,
+        then flips to it. final=True also empties the other one (after a short grace for
+        programs still running): nothing counted stays behind. A generator: each chunk is
+        handed on (decoded, streamed, folded) before the next leaves the kernel."""
         import time
-        parts = self._drain_one(1 - self._epoch)
+        yield from self._drain_one(1 - self._epoch)
         self._flip()
         if final:
             time.sleep(0.05)             # programs run for nanoseconds, preemption off
-            parts += self._drain_one(1 - self._epoch)
-        return parts
+            yield from self._drain_one(1 - self._epoch)
 
-    def _drain_one(self, epoch: int) -> list[tuple[bytes, bytes]]:
+    def _drain_one(self, epoch: int):
         table = self._bpf[b"flows1" if epoch else b"flows0"]
-        entries = self._drain_map(table)
-        # Everything made in that map until now is gone with the drain.
-        self._created_base[epoch] = self._stat(STAT_CREATED_1 if epoch else STAT_CREATED_0)
-        return entries
+        # Everything made in that map until now is gone with the drain (read first: entries
+        # made during the drain would only make the next drain come sooner).
+        created = self._stat(STAT_CREATED_1 if epoch else STAT_CREATED_0)
+        yield from self._drain_map(table)
+        self._created_base[epoch] = created
 
     def _flip(self) -> None:
         control = self._bpf[b"control"]

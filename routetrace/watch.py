@@ -12,8 +12,8 @@ from .record import TraceWriter
 from . import metrics as metrics_mod
 from . import netns, privileges
 from .flows import DEFAULT_KEEP_FLOWS
-from .render import (STREAM_HEADER, clock_offset_ns, json_line, loss_object, losses_line, stream_line,
-                     summary_object, summary_text)
+from .render import (STREAM_HEADER, clock_offset_ns, flow_json_line, json_line, loss_object, losses_line, stream_line,
+                     summary_object, summary_text, write_stream)
 from .session import Session, TraceResult
 from .tracer import kprobe_pmu
 
@@ -33,13 +33,12 @@ def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: fl
     previous = signal.getsignal(signal.SIGTERM)
 
     def write(text: str) -> None:
-        out.write(text)
-        out.flush()
+        write_stream(out, text)
 
     def emit(flows):
         # One write per batch: a storm of new flows must not cost a system call each.
         if flows:
-            write("".join((json_line(f.to_dict()) if as_json else stream_line(f, offset)) + "\n" for f in flows))
+            write("".join((flow_json_line(f) if as_json else stream_line(f, offset)) + "\n" for f in flows))
 
     def lost(losses):
         # Live, in the stream itself: the first loss and every growth are visible as they happen.
@@ -57,6 +56,7 @@ def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: fl
                 else:
                     dropped = privileges.drop_privileges(privileges.capabilities_for_maps())
             session.on_loss = lost
+            session.on_flows = emit
             session.serve_metrics = server is not None
             if server is not None:
                 print(f"Serving metrics at {metrics_mod.url(server)}", file=err, flush=True)
@@ -73,12 +73,11 @@ def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: fl
             for sig in STOP_SIGNALS:
                 signal.signal(sig, lambda signum, _frame: stop.append(signum))
             while not stop and (deadline is None or time.monotonic() < deadline):
-                emit(session.pump(200))
+                session.pump(200)
             # A second Ctrl-C while finishing must not lose the summary or the trailer.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            result, late = session.finish()
-            emit(late)
+            result, _late = session.finish()
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, signal.default_int_handler)

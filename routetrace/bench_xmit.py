@@ -1,0 +1,135 @@
+"""Per-packet cost of the transmit program against the floor, run by scripts/bench-xmit-cost.
+
+The floor (bpf/floor.c: one per-CPU increment on the same raw tracepoint), routetrace's
+programs, and optionally the programs of another checkout (--against DIR: its bpf/ directory,
+e.g. from `git archive OLD | tar -x -C /tmp/old`) are loaded together and attached one at a time,
+in alternating order, for slices of UDP traffic in a throwaway namespace. The kernel's own
+statistics (kernel.bpf_stats_enabled=1) give ns per run of each. --mode known: one flow, every
+packet of a known flow; --mode new: distinct flows, every packet a new one, with a reader
+polling the notice ring as watch does (the maps are drained between slices).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from tabulate import tabulate
+
+from . import kernel, netns
+from .bench import floor_plan
+from .experiment import Sandbox
+from .probes import Filters, choose
+from .tracer import Tracer
+
+STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
+XMIT_FN = "raw_tracepoint__net_dev_queue"
+
+LOAD_KNOWN = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    for _ in range(1000):
+        s.sendto(b'x', (sys.argv[1], 9999))
+"""
+LOAD_NEW = r"""
+import socket, sys, time
+end = time.monotonic() + float(sys.argv[2])
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(64)]
+i = 0
+while time.monotonic() < end:
+    for s in socks:
+        for port in range(200):
+            s.sendto(b'x', (sys.argv[1], 20000 + port + 200 * (i % 100)))
+    i += 1
+"""
+
+
+def xmit_stats(tracer: Tracer) -> tuple[int, int]:
+    for p in tracer.program_stats():
+        if p.name == XMIT_FN:
+            return p.run_time_ns, p.run_cnt
+    raise SystemExit(f"no {XMIT_FN} in the plan")
+
+
+def run(against: Path | None, rounds: int, slice_s: float, mode: str) -> list[dict]:
+    facts = kernel.gather(prepare_headers=True)
+    headers = None if facts.headers.matches else facts.headers.path
+    with Sandbox() as sb:
+        subprocess.run(["ip", "netns", "exec", sb.host, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+                       check=True)
+        plan = choose(facts, Filters(netns=netns.inode_of(sb.host)), backend="tracepoint")
+        plans = {"floor": floor_plan(True)}
+        if against is not None:
+            plans["against"] = dataclasses.replace(plan, sources=[against / p.name for p in plan.sources])
+        plans["routetrace"] = plan
+        tracers: dict[str, Tracer] = {}
+        try:
+            for name, p in plans.items():
+                tracers[name] = Tracer(p, headers).__enter__()
+                tracers[name].set_attached(False)
+            totals = {n: [0, 0] for n in tracers}
+            per_round: dict[str, list] = {n: [] for n in tracers}
+            order = list(tracers)
+            dest = sb.own_addr if mode == "known" else sb.peer_addr
+            for r in range(rounds):
+                for name in (order if r % 2 == 0 else order[::-1]):
+                    t = tracers[name]
+                    if name != "floor":
+                        for _ in t.drain(final=True):      # new flows again in every slice
+                            pass
+                    before = xmit_stats(t)
+                    t.set_attached(True)
+                    done = threading.Event()
+
+                    def read_ring(t=t):
+                        while not done.is_set():
+                            t.poll(100)
+                    reader = threading.Thread(target=read_ring, daemon=True)
+                    if name != "floor":
+                        reader.start()
+                    subprocess.run(["ip", "netns", "exec", sb.host, sys.executable, "-c",
+                                    LOAD_KNOWN if mode == "known" else LOAD_NEW, dest, str(slice_s)], check=True)
+                    done.set()
+                    if name != "floor":
+                        reader.join()
+                    t.set_attached(False)
+                    after = xmit_stats(t)
+                    ns, cnt = after[0] - before[0], after[1] - before[1]
+                    totals[name][0] += ns
+                    totals[name][1] += cnt
+                    per_round[name].append(round(ns / cnt) if cnt else None)
+        finally:
+            for t in tracers.values():
+                t.__exit__(None, None, None)
+    floor = totals["floor"][0] / totals["floor"][1]
+    return [{"program": n, "runs": c, "ns_per_run": ns / c if c else None,
+             "x_floor": ns / c / floor if c else None, "per_round": per_round[n]} for n, (ns, c) in totals.items()]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="bench-xmit-cost")
+    ap.add_argument("--against", type=Path, help="another checkout's bpf/ directory, measured beside this one")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--slice", type=float, default=1.0, help="seconds of traffic per program per round")
+    ap.add_argument("--mode", choices=("known", "new"), default="known")
+    args = ap.parse_args()
+    previous = STATS_SYSCTL.read_text().strip()
+    STATS_SYSCTL.write_text("1")
+    try:
+        rows = run(args.against, args.rounds, args.slice, args.mode)
+    finally:
+        STATS_SYSCTL.write_text(previous)
+    print(f"mode {args.mode}: {'a packet of one known flow' if args.mode == 'known' else 'every packet a new flow'}")
+    print(tabulate([(r["program"], r["runs"], f"{r['ns_per_run']:.0f}", f"{r['x_floor']:.2f}",
+                     " ".join(str(x) for x in r["per_round"])) for r in rows],
+                   headers=("PROGRAM", "RUNS", "NS/RUN", "x FLOOR", "NS/RUN PER ROUND"), disable_numparse=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
