@@ -1,6 +1,6 @@
 """Trace files: versioned JSON lines, written as the trace runs and read back strictly.
 
-    {"type":"header", "format":"routetrace-trace", "version":1, "minor":1, ...}   first line
+    {"type":"header", "format":"routetrace-trace", "version":1, "minor":2, ...}   first line
     {"type":"netns", "netns":4026531840, "name":null, "addresses":[...]}   as namespaces are met
     {"type":"flow", ...}        the same objects --json prints; a later one for the same flow
                                 (netns, proto, addresses, ports) replaces an earlier one
@@ -45,7 +45,8 @@ from .sanitize import text
 
 FORMAT = "routetrace-trace"
 VERSION = 1
-MINOR = 1        # 1.1: IPv6, device identity, exact accounting (fields added; records "fold", "aggregate", "loss")
+MINOR = 2        # 1.1: IPv6, device identity, exact accounting (fields added; records "fold", "aggregate", "loss")
+                 # 1.2: lost counters gain "route_unpaired" (the kprobe plan's unpaired route lookups)
 
 # The exit status of a live command whose recording stopped early (disk full, I/O error):
 # tracing and the summary went on, the file lacks what came after the error.
