@@ -25,15 +25,42 @@ def _bpf_unavailable() -> str | None:
     return None
 
 
-@pytest.fixture
-def bpf_ready():
-    """Tests that load BPF. Off CI they skip without root or bcc; in CI (root, bcc installed by
+def require_bpf() -> None:
+    """For tests that load BPF. Off CI they skip without root or bcc; in CI (root, bcc installed by
     scripts/setup) a missing piece is a failure, never a silent skip."""
     reason = _bpf_unavailable()
     if reason:
         if os.environ.get("CI"):
             pytest.fail(f"BPF test cannot run in CI: {reason}")
         pytest.skip(reason)
+
+
+@pytest.fixture
+def bpf_ready():
+    require_bpf()
+
+
+def free_port_base(count: int) -> int:
+    """A base port whose `count` ports are free right now for TCP and UDP on 127.0.0.1 and ::1."""
+    import secrets
+    import socket
+    for _ in range(50):
+        base = 20000 + secrets.randbelow(30000)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+                    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                        s = socket.socket(family, kind)
+                        socks.append(s)
+                        s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    pytest.fail("no free port range")
 
 
 @pytest.fixture

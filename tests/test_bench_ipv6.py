@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import namespaces, sandbox_namespaces
+from conftest import free_port_base, namespaces, sandbox_namespaces
 from routetrace import bench, loadgen, netns
 from routetrace.errors import UsageError
 
@@ -123,23 +123,7 @@ def test_this_machines_sockperf_really_refuses_ipv6_when_we_say_it_does():
 # ---- the Python servers and clients, on real ::1 sockets ------------------------------------------
 
 def _free_base() -> int:
-    """A base port whose PORTS_USED ports are free on ::1 and 127.0.0.1 right now."""
-    for _ in range(50):
-        base = 20000 + secrets.randbelow(30000)
-        try:
-            socks = []
-            for port in range(base, base + loadgen.PORTS_USED):
-                for family, host in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
-                    s = socket.socket(family)
-                    socks.append(s)
-                    s.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    pytest.fail("no free port range")
+    return free_port_base(loadgen.PORTS_USED)
 
 
 @pytest.fixture

@@ -4,9 +4,7 @@ Python ones), in the sandbox's namespace and on a host, is nobody with no capabi
 import json
 import os
 import re
-import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import namespaces, sandbox_namespaces
+from conftest import free_port_base, namespaces, sandbox_namespaces
 from routetrace import bench, loadgen, netns, privileges
 
 NOBODY_UID, NOBODY_GID = privileges.nobody()
@@ -88,24 +86,7 @@ def _assert_unprivileged(pid: int, what, ns_inode: int) -> None:
 
 
 def _free_base() -> int:
-    """A base port whose PORTS_USED ports are free on 127.0.0.1 and ::1 right now."""
-    for _ in range(50):
-        base = 20000 + secrets.randbelow(30000)
-        socks = []
-        try:
-            for port in range(base, base + loadgen.PORTS_USED):
-                for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-                    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                        s = socket.socket(family, kind)
-                        socks.append(s)
-                        s.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    pytest.fail("no free port range")
+    return free_port_base(loadgen.PORTS_USED)
 
 
 def _listener_pids(ns: str | None, base: int) -> set[int]:

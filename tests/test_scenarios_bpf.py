@@ -4,7 +4,6 @@ runs in the scenarios' network; each scenario is then its own test, asserting th
 route device and transmit devices of each of its client's flows. And `prove --sandbox
 --scenarios` end to end: exit code, rows, --json, the sandbox removed."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import EXPECTED_BACKEND, LiveRoutetrace, _bpf_unavailable, namespaces, sandbox_namespaces
+from conftest import EXPECTED_BACKEND, LiveRoutetrace, namespaces, require_bpf, sandbox_namespaces
 from routetrace.scenarios import NO_VRF, SCENARIOS, vrf_driver_present
 
 PORT = 8894
@@ -30,11 +29,7 @@ class Played:
 
 @pytest.fixture(scope="module")
 def played():
-    reason = _bpf_unavailable()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"BPF test cannot run in CI: {reason}")
-        pytest.skip(reason)
+    require_bpf()
     from routetrace.experiment import Sandbox
     from routetrace.record import _flow_from
     from routetrace.scenarios import ScenarioNet

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import concurrent_routes
-from conftest import EXPECTED_BACKEND, LiveRoutetrace, _bpf_unavailable
+from conftest import EXPECTED_BACKEND, LiveRoutetrace, require_bpf
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -183,11 +183,7 @@ def test_one_kretprobe_instance_misses_lookups_counts_them_and_gives_no_flow_ano
 
 @pytest.fixture(scope="module")
 def matrix():
-    reason = _bpf_unavailable()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"BPF test cannot run in CI: {reason}")
-        pytest.skip(reason)
+    require_bpf()
     from routetrace import kernel, netns
     from routetrace.experiment import Sandbox
 
