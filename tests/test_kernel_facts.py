@@ -159,3 +159,15 @@ def test_doctor_json_is_one_object_built_from_the_facts(capsys, monkeypatch):
     data = json.loads(capsys.readouterr().out)
     assert KernelFacts.from_dict(data).to_dict() == facts.to_dict()
     assert set(data["plans"]) == set(probes.BACKENDS)
+
+
+@pytest.mark.parametrize("path", [p for p in FIXTURES if _load(p).kprobes], ids=lambda p: p.stem)
+def test_the_kprobe_plan_probes_both_route_functions_where_the_kernel_has_them(path):
+    """ip_route_output_key_hash is inlined into ip_route_output_flow in route.c: a plan probing
+    only the former misses most lookups. Every VM kernel recorded has both."""
+    facts = _load(path)
+    plan = probes.choose(facts, probes.Filters(), "kprobe")
+    targets = {(a.kind, a.target) for a in plan.attachments}
+    assert probes.ROUTE_FLOW_FUNCTION in facts.symbols
+    for fn in ("ip_route_output_key_hash", probes.ROUTE_FLOW_FUNCTION):
+        assert {("kprobe", fn), ("kretprobe", fn)} <= targets, (facts.release, sorted(targets))
