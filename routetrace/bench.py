@@ -736,7 +736,7 @@ def experiment(prepare, *, sandbox: bool, own: list[str] | None = None, family: 
         obs.set_condition("untraced")
         result = None
         if obs.session is not None:
-            result, _new = obs.session.finish()
+            result = obs.session.finish()
     steal1 = _steal_jiffies()
     facts["loadavg_after"] = machine_facts().get("loadavg")
     if steal0 is not None and steal1 is not None:

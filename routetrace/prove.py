@@ -190,7 +190,7 @@ def run(plan, headers_path, *, ns: str | None, targets: list[Target], port: int,
             outcomes[target.addr] = connect_from(ns, target.addr, port, proto)
             session.pump(20)
         time.sleep(0.2)                  # the last ACKs of each close
-        result, _late = session.finish()
+        result = session.finish()
     rows = []
     for target in targets:
         row = judge(target, outcomes[target.addr], result.flows, port, predictions[target.addr])

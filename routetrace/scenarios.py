@@ -422,7 +422,7 @@ def run(plan, headers_path, net: ScenarioNet, *, port: int, as_json: bool = Fals
               file=err, flush=True)
         outcomes = net.play_all(port, between=lambda: session.pump(20))
         time.sleep(0.2)                  # the last ACKs of each close
-        result, _late = session.finish()
+        result = session.finish()
     rows = [row_for(net, scenario, result.flows, port, outcomes.get(scenario.name, ""),
                     predictions.get(scenario.name), result.own) for scenario in SCENARIOS]
     code, verdict_text = verdict(rows)

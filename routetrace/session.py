@@ -214,13 +214,12 @@ class Session:
     def losses(self) -> LossCounters:
         return self._losses
 
-    def finish(self) -> tuple[TraceResult, int]:
+    def finish(self) -> TraceResult:
         """Collect the last notices and counts (new flows go to on_flows, before the summary);
-        the trailer closes the recording. Returns the result and how many flows were first
-        seen now."""
-        new = self._take_notices(0)
-        new += self._take_counts(final=True)
-        new += self._take_notices(0)
+        the trailer closes the recording."""
+        self._take_notices(0)
+        self._take_counts(final=True)
+        self._take_notices(0)
         self._check_losses()               # a last loss line when it grew since the last one
         losses = self._losses
         flows = list(self.table)
@@ -230,7 +229,7 @@ class Session:
             self._record(force=True)
             self.recorder.trailer(losses, flows=self.table.seen, folded=self.table.folded)
             result.recording_error = self.recorder.error
-        return result, new
+        return result
 
     # ---- what a metrics endpoint reads (from its own thread: snapshots, made by the loop) ----
 

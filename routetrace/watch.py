@@ -77,7 +77,7 @@ def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: fl
             # A second Ctrl-C while finishing must not lose the summary or the trailer.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            result, _late = session.finish()
+            result = session.finish()
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, signal.default_int_handler)
