@@ -213,23 +213,29 @@ static __always_inline u32 netns_of_dev(void *dev)
 }
 
 /* A transmit device's ifindex and namespace pointer, in one read where the kernel keeps them
- * close (6.x: 40 bytes apart); two reads elsewhere. Per packet, every read counts (~20-30 ns). */
+ * close (6.x: 40 bytes apart); two reads elsewhere. Per packet, every read counts (~20-30 ns).
+ * direct: the device came from a BTF-typed tracepoint's skb, so the verifier knows its type and
+ * plain loads read it (a fault reads as 0) -- no helper call at all. */
 #define DEV_WIN_BASE MIN2(OFF_NETDEV_IFINDEX, OFF_NETDEV_NET)
 #define DEV_WIN_SPAN (MAX2(OFF_NETDEV_IFINDEX + 4, OFF_NETDEV_NET + 8) - DEV_WIN_BASE)
 #define DEV_WIN_MAX 64
 
-static __always_inline void *dev_identity(void *dev, u32 *ifindex)
+static __always_inline u32 dev_netns(void *dev, u32 *ifindex, const int direct)
 {
-    void *net = 0;
+    if (direct) {
+        *ifindex = *(u32 *)((u8 *)dev + OFF_NETDEV_IFINDEX);
+        void *net = *(void **)((u8 *)dev + OFF_NETDEV_NET);
+        return net ? *(u32 *)((u8 *)net + OFF_NET_INUM) : 0;
+    }
     if (DEV_WIN_SPAN <= DEV_WIN_MAX) {
         u64 w[DEV_WIN_MAX / 8];
         if (bpf_probe_read_kernel(w, DEV_WIN_SPAN <= DEV_WIN_MAX ? DEV_WIN_SPAN : DEV_WIN_MAX, dev + DEV_WIN_BASE))
             return 0;
         *ifindex = *(u32 *)((u8 *)w + OFF_NETDEV_IFINDEX - DEV_WIN_BASE);
-        return *(void **)((u8 *)w + OFF_NETDEV_NET - DEV_WIN_BASE);
+        return netns_of_net(*(void **)((u8 *)w + OFF_NETDEV_NET - DEV_WIN_BASE));
     }
     bpf_probe_read_kernel(ifindex, sizeof(*ifindex), dev + OFF_NETDEV_IFINDEX);
-    return read_ptr(dev, OFF_NETDEV_NET);
+    return netns_of_net(read_ptr(dev, OFF_NETDEV_NET));
 }
 
 static __always_inline u32 dev_loopback(void *dev)
@@ -537,25 +543,27 @@ static __always_inline u8 skip_ipv6_ext(unsigned char *nh, u8 next, u32 *off, u3
     return 255;                        /* too many extension headers: not decoded */
 }
 
-/* The sk_buff fields read per packet, fetched in one read of the span that holds them. */
+/* The sk_buff fields read per packet. Through a raw tracepoint or a kprobe: fetched in one read
+ * of the span that holds them. Through a BTF-typed tracepoint (direct): plain loads from the skb. */
 #define SKB_WIN_BASE MIN2(MIN2(MIN2(OFF_SKB_DEV, OFF_SKB_SK), MIN2(OFF_SKB_REFDST, OFF_SKB_HEAD)), \
                           MIN2(MIN2(OFF_SKB_NETWORK_HEADER, OFF_SKB_PROTOCOL), MIN2(OFF_SKB_END, OFF_SKB_LEN)))
 #define SKB_WIN_END MAX2(MAX2(MAX2(OFF_SKB_DEV + 8, OFF_SKB_SK + 8), MAX2(OFF_SKB_REFDST + 8, OFF_SKB_HEAD + 8)), \
                          MAX2(MAX2(OFF_SKB_NETWORK_HEADER + 2, OFF_SKB_PROTOCOL + 2), \
                               MAX2(OFF_SKB_END + 4, MAX2(OFF_SKB_LEN + 4, OFF_SKB_DATA + 8))))
-#define SKB_FIELD(type, off) (*(type *)(win + (off) - SKB_WIN_BASE))
+#define SKB_FIELD(type, off) (direct ? *(type *)((u8 *)skb + (off)) : *(type *)(win + (off) - SKB_WIN_BASE))
 
-/* Account one skb about to be transmitted to its (flow, device) entry. */
-static __always_inline int account_xmit(void *skb)
+/* Account one skb about to be transmitted to its (flow, device) entry. direct is a constant at
+ * each call site (the function is inlined): 1 for a BTF-typed tracepoint's skb, else 0. */
+static __always_inline int account_xmit(void *skb, const int direct)
 {
     u8 win[SKB_WIN_END - SKB_WIN_BASE];
-    if (bpf_probe_read_kernel(win, sizeof(win), skb + SKB_WIN_BASE))
+    if (!direct && bpf_probe_read_kernel(win, sizeof(win), skb + SKB_WIN_BASE))
         return 0;
     void *dev = SKB_FIELD(void *, OFF_SKB_DEV);
     if (!dev)
         return 0;
     struct flow_key key = {};
-    key.netns = netns_of_net(dev_identity(dev, &key.ifindex));
+    key.netns = dev_netns(dev, &key.ifindex, direct);
     if (!netns_matches(key.netns))
         return 0;
 

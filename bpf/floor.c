@@ -1,7 +1,9 @@
-/* The floor for `routetrace bench --trace`: the least a program on routetrace's hook can cost.
- * One per-CPU array increment per packet handed to a device, nothing else (no filter, no
- * skb read, no map lookup by key). FLOOR_RAW selects the raw tracepoint (what routetrace's
- * tracepoint plan uses); without it, the regular tracepoint, which copies its record first.
+/* The floor for `routetrace bench --trace` and scripts/bench-xmit-cost: the least a program on
+ * routetrace's hook can cost. One per-CPU array increment per packet handed to a device, nothing
+ * else (no filter, no skb read, no map lookup by key). FLOOR_BTF: the BTF-typed tracepoint (what
+ * routetrace's tracepoint plan uses where the kernel takes it; loaded by tracer.py, hence no bcc
+ * prefix); FLOOR_RAW: the raw tracepoint; neither: the regular tracepoint, which copies its
+ * record first.
  */
 
 BPF_PERCPU_ARRAY(floor_count, u64, 1);
@@ -15,7 +17,12 @@ static __always_inline int floor_hit(void)
     return 0;
 }
 
-#ifdef FLOOR_RAW
+#if defined(FLOOR_BTF)
+int floor_btf(u64 *ctx)
+{
+    return floor_hit();
+}
+#elif defined(FLOOR_RAW)
 RAW_TRACEPOINT_PROBE(net_dev_queue)
 {
     return floor_hit();

@@ -111,5 +111,5 @@ int route_return(struct pt_regs *ctx)
 
 int xmit_entry(struct pt_regs *ctx)
 {
-    return account_xmit((void *)PT_REGS_PARM1(ctx));
+    return account_xmit((void *)PT_REGS_PARM1(ctx), 0);
 }

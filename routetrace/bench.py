@@ -475,12 +475,16 @@ def stats_delta(before, after) -> dict[str, tuple[int, int]]:
     return out
 
 
-def floor_plan(raw: bool):
+def floor_plan(hook: str):
+    """The floor on one way onto net_dev_queue: "raw", "tp" (regular) or "btf" (BTF-typed)."""
     from .probes import BPF_DIR, AttachPlan, Attachment
-    att = (Attachment("raw_tracepoint", "net_dev_queue", "raw_tracepoint__net_dev_queue") if raw
-           else Attachment("tracepoint", "net:net_dev_queue", "tracepoint__net__net_dev_queue"))
+    att, flags = {
+        "raw": (Attachment("raw_tracepoint", "net_dev_queue", "raw_tracepoint__net_dev_queue"), ["-DFLOOR_RAW=1"]),
+        "tp": (Attachment("tracepoint", "net:net_dev_queue", "tracepoint__net__net_dev_queue"), []),
+        "btf": (Attachment("btf_tracepoint", "net_dev_queue", "floor_btf"), ["-DFLOOR_BTF=1"]),
+    }[hook]
     return AttachPlan(backend="floor", sources=[BPF_DIR / "floor.c"], attachments=[att], offsets=[],
-                      filters=Filters(), extra_cflags=["-DFLOOR_RAW=1"] if raw else [])
+                      filters=Filters(), extra_cflags=flags)
 
 
 @dataclass
@@ -709,8 +713,8 @@ def experiment(prepare, *, sandbox: bool, own: list[str] | None = None, family: 
             obs.programs["traced"], obs.session, obs.pumper = session, session, Pumper(session)
             conditions = ("untraced", "traced")
             if floor:
-                for cond, raw in (("floor-raw", True), ("floor-tp", False)):
-                    tracer = stack.enter_context(Tracer(floor_plan(raw), headers))
+                for cond, hook in (("floor-raw", "raw"), ("floor-tp", "tp")):
+                    tracer = stack.enter_context(Tracer(floor_plan(hook), headers))
                     # Opening the count map also makes bcc's BPF object truthy (its len() counts
                     # opened maps), which Tracer.program_stats() tests before it reports anything.
                     obs.floor_counts[cond] = tracer._bpf[b"floor_count"]

@@ -1,8 +1,10 @@
 """Per-packet cost of the transmit program against the floor, run by scripts/bench-xmit-cost.
 
-The floor (bpf/floor.c: one per-CPU increment on the same raw tracepoint), routetrace's
-programs, and optionally the programs of another checkout (--against DIR: its bpf/ directory,
-e.g. from `git archive OLD | tar -x -C /tmp/old`) are loaded together and attached one at a time,
+The floor (bpf/floor.c: one per-CPU increment on the same hook: the BTF-typed tracepoint and the
+raw one), routetrace's programs as the plan chooses them (the BTF-typed tracepoint where the kernel
+takes it) and on the raw tracepoint ("routetrace-raw", ROUTETRACE_XMIT_HOOK=raw), and optionally
+the programs of another checkout (--against DIR: its bpf/ directory, e.g. from
+`git archive OLD | tar -x -C /tmp/old`, on the raw tracepoint) are loaded together and attached one at a time,
 in alternating order, for slices of UDP traffic in a throwaway namespace. The kernel's own
 statistics (kernel.bpf_stats_enabled=1) give ns per run of each. --mode known: one flow, every
 packet of a known flow; --mode new: distinct flows, every packet a new one, with a reader
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import subprocess
 import sys
 import threading
@@ -22,11 +25,12 @@ from tabulate import tabulate
 from . import kernel, netns
 from .bench import floor_plan
 from .experiment import Sandbox
-from .probes import Filters, choose
+from .probes import XMIT_HOOK_ENV, Filters, choose
 from .tracer import Tracer
 
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
-XMIT_FN = "raw_tracepoint__net_dev_queue"
+# The transmit program of each plan: what its net_dev_queue attachment runs.
+XMIT_FNS = ("xmit_btf", "xmit_raw", "raw_tracepoint__net_dev_queue", "floor_btf")
 
 LOAD_KNOWN = r"""
 import socket, sys, time
@@ -51,9 +55,9 @@ while time.monotonic() < end:
 
 def xmit_stats(tracer: Tracer) -> tuple[int, int]:
     for p in tracer.program_stats():
-        if p.name == XMIT_FN:
+        if p.name in XMIT_FNS:
             return p.run_time_ns, p.run_cnt
-    raise SystemExit(f"no {XMIT_FN} in the plan")
+    raise SystemExit(f"no transmit program ({', '.join(XMIT_FNS)}) in the plan")
 
 
 def run(against: Path | None, rounds: int, slice_s: float, mode: str) -> list[dict]:
@@ -62,11 +66,23 @@ def run(against: Path | None, rounds: int, slice_s: float, mode: str) -> list[di
     with Sandbox() as sb:
         subprocess.run(["ip", "netns", "exec", sb.host, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
                        check=True)
-        plan = choose(facts, Filters(netns=netns.inode_of(sb.host)), backend="tracepoint")
-        plans = {"floor": floor_plan(True)}
+        filters = Filters(netns=netns.inode_of(sb.host))
+        plan = choose(facts, filters, backend="tracepoint")
+        os.environ[XMIT_HOOK_ENV] = "raw"
+        try:
+            raw_plan = choose(facts, filters, backend="tracepoint")
+        finally:
+            del os.environ[XMIT_HOOK_ENV]
+        plans = {"floor": floor_plan("raw")}
+        if facts.btf_tracepoints:
+            plans["floor-btf"] = floor_plan("btf")
         if against is not None:
-            plans["against"] = dataclasses.replace(plan, sources=[against / p.name for p in plan.sources])
+            old_xmit = dataclasses.replace(raw_plan.attachments[-1], fn="raw_tracepoint__net_dev_queue")
+            plans["against"] = dataclasses.replace(raw_plan, sources=[against / p.name for p in plan.sources],
+                                                   attachments=[*raw_plan.attachments[:-1], old_xmit])
         plans["routetrace"] = plan
+        if plan.attachments[-1] != raw_plan.attachments[-1]:
+            plans["routetrace-raw"] = raw_plan
         tracers: dict[str, Tracer] = {}
         try:
             for name, p in plans.items():
@@ -79,7 +95,7 @@ def run(against: Path | None, rounds: int, slice_s: float, mode: str) -> list[di
             for r in range(rounds):
                 for name in (order if r % 2 == 0 else order[::-1]):
                     t = tracers[name]
-                    if name != "floor":
+                    if not name.startswith("floor"):
                         for _ in t.drain(final=True):      # new flows again in every slice
                             pass
                     before = xmit_stats(t)
@@ -90,12 +106,12 @@ def run(against: Path | None, rounds: int, slice_s: float, mode: str) -> list[di
                         while not done.is_set():
                             t.poll(100)
                     reader = threading.Thread(target=read_ring, daemon=True)
-                    if name != "floor":
+                    if not name.startswith("floor"):
                         reader.start()
                     subprocess.run(["ip", "netns", "exec", sb.host, sys.executable, "-c",
                                     LOAD_KNOWN if mode == "known" else LOAD_NEW, dest, str(slice_s)], check=True)
                     done.set()
-                    if name != "floor":
+                    if not name.startswith("floor"):
                         reader.join()
                     t.set_attached(False)
                     after = xmit_stats(t)
@@ -106,9 +122,15 @@ def run(against: Path | None, rounds: int, slice_s: float, mode: str) -> list[di
         finally:
             for t in tracers.values():
                 t.__exit__(None, None, None)
-    floor = totals["floor"][0] / totals["floor"][1]
+    # Each program against the floor on its own hook.
+    floors = {n: totals[n][0] / totals[n][1] for n in ("floor", "floor-btf") if n in totals and totals[n][1]}
+
+    def floor_of(name: str) -> float:
+        btf = name == "floor-btf" or (name == "routetrace" and "floor-btf" in floors)
+        return floors["floor-btf" if btf else "floor"]
     return [{"program": n, "runs": c, "ns_per_run": ns / c if c else None,
-             "x_floor": ns / c / floor if c else None, "per_round": per_round[n]} for n, (ns, c) in totals.items()]
+             "x_floor": ns / c / floor_of(n) if c else None, "per_round": per_round[n]}
+            for n, (ns, c) in totals.items()]
 
 
 def main() -> int:
@@ -127,7 +149,7 @@ def main() -> int:
     print(f"mode {args.mode}: {'a packet of one known flow' if args.mode == 'known' else 'every packet a new flow'}")
     print(tabulate([(r["program"], r["runs"], f"{r['ns_per_run']:.0f}", f"{r['x_floor']:.2f}",
                      " ".join(str(x) for x in r["per_round"])) for r in rows],
-                   headers=("PROGRAM", "RUNS", "NS/RUN", "x FLOOR", "NS/RUN PER ROUND"), disable_numparse=True))
+                   headers=("PROGRAM", "RUNS", "NS/RUN", "x FLOOR (same hook)", "NS/RUN PER ROUND"), disable_numparse=True))
     return 0
 
 

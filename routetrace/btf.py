@@ -42,6 +42,9 @@ class BtfType:
     members: tuple[Member, ...] = ()
 
 
+_VMLINUX_CACHE: list["Btf"] = []
+
+
 class Btf:
     """Types of one BTF blob, indexed by id and (for structs/unions) by name."""
 
@@ -82,10 +85,21 @@ class Btf:
 
     @classmethod
     def load(cls, path: Path = VMLINUX_BTF) -> "Btf":
+        # The running kernel's is read once per process (half a second of parsing): the kernel
+        # facts and the attach plan both ask.
+        if path == VMLINUX_BTF and _VMLINUX_CACHE:
+            return _VMLINUX_CACHE[0]
         try:
-            return cls(path.read_bytes())
+            btf = cls(path.read_bytes())
+            if path == VMLINUX_BTF:
+                _VMLINUX_CACHE.append(btf)
+            return btf
         except OSError as exc:
             raise EnvironmentProblem(f"cannot read BTF at {path}: {exc.strerror}") from exc
+
+    def tracepoint_id(self, name: str) -> int | None:
+        """The BTF id a BTF-typed tracepoint program names as its target (`btf_trace_<name>`)."""
+        return self.by_name.get("typedef btf_trace_" + name)
 
     def _strip(self, type_id: int) -> int:
         while True:

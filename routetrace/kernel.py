@@ -49,6 +49,9 @@ class KernelFacts:
     # fib:fib_table_lookup's device name: a fixed char[16] (5.15+) or a __data_loc string (5.10)
     fib_name_data_loc: bool = False
     raw_tracepoints: bool = False
+    # The kernel loads BTF-typed tracepoint programs (tp_btf) for net_dev_queue from this process:
+    # the transmit program's cheapest way in (bpf/tracepoint.c)
+    btf_tracepoints: bool = False
     # tracepoint -> field -> {"type", "offset", "size"}, from its tracefs format file (common_* left out)
     tracepoint_fields: dict[str, dict[str, dict]] = field(default_factory=dict)
 
@@ -85,6 +88,7 @@ class KernelFacts:
             "tracefs": str(self.tracefs) if self.tracefs else None,
             "kprobes": self.kprobes,
             "raw_tracepoints": self.raw_tracepoints,
+            "btf_tracepoints": self.btf_tracepoints,
             "tracepoints": dict(self.tracepoints),
             "tracepoint_fields": {tp: dict(f) for tp, f in self.tracepoint_fields.items()},
             "symbols": dict(self.symbols),
@@ -109,6 +113,7 @@ class KernelFacts:
             headers=Headers(Path(hdr["path"]), hdr["release"], hdr["matches"]) if hdr else None,
             bcc_version=data.get("bcc_version"), fib_name_data_loc=data.get("fib_name_data_loc", False),
             raw_tracepoints=data.get("raw_tracepoints", False),
+            btf_tracepoints=data.get("btf_tracepoints", False),
             tracepoint_fields={tp: dict(f) for tp, f in data.get("tracepoint_fields", {}).items()},
         )
 
@@ -135,9 +140,24 @@ def gather(prepare_headers: bool = False) -> KernelFacts:
         bcc_version=bcc_version(),
         fib_name_data_loc=_field_is_data_loc(tracefs, "fib/fib_table_lookup", "name"),
         raw_tracepoints=bool(read_symbols(RAW_TRACEPOINT_SYMBOLS)),
+        btf_tracepoints=_btf_tracepoints(),
         tracepoint_fields={tp: fields for tp in TRACEPOINTS
                            if (fields := tracepoint_fields(tracefs, tp)) is not None},
     )
+
+
+def _btf_tracepoints(tracepoint: str = "net_dev_queue") -> bool:
+    """Asked of the kernel itself (a two-instruction program): BTF, 5.5+ and the privilege to load
+    tracing programs -- some machines refuse fentry yet take this, others may refuse both."""
+    if os.geteuid() != 0 or not VMLINUX_BTF.exists():
+        return False
+    from .bpfsys import btf_tracepoint_loads
+    from .btf import Btf
+    try:
+        type_id = Btf.load().tracepoint_id(tracepoint)
+    except EnvironmentProblem:
+        return False
+    return type_id is not None and btf_tracepoint_loads(type_id)
 
 
 _FIELD_LINE = re.compile(r"^\s*field:(?P<decl>[^;]+);\s*offset:(?P<offset>\d+);\s*size:(?P<size>\d+);", re.M)

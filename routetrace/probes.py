@@ -93,10 +93,12 @@ class Limits:
 
 @dataclass(frozen=True)
 class Attachment:
-    kind: str                 # raw_tracepoint | tracepoint | kprobe | kretprobe
+    kind: str                 # btf_tracepoint | raw_tracepoint | tracepoint | kprobe | kretprobe
     target: str               # "net:net_dev_queue" or a kernel function
     fn: str                   # the BPF function in bpf/*.c
     maxactive: int = 0
+    # Compiled in the same unit and attached instead if the kernel refuses this one (tracer.py)
+    fallback: "Attachment | None" = None
 
     def __str__(self) -> str:
         return f"{self.kind} {self.target}"
@@ -146,7 +148,12 @@ class AttachPlan:
 # and skip the regular tracepoints' record copying. bcc attaches them on load.
 FIB_TRACEPOINT = Attachment("raw_tracepoint", "fib_table_lookup", "raw_tracepoint__fib_table_lookup")
 FIB6_TRACEPOINT = Attachment("raw_tracepoint", "fib6_table_lookup", "raw_tracepoint__fib6_table_lookup")
-XMIT_TRACEPOINT = Attachment("raw_tracepoint", "net_dev_queue", "raw_tracepoint__net_dev_queue")
+XMIT_TRACEPOINT = Attachment("raw_tracepoint", "net_dev_queue", "xmit_raw")
+# BTF-typed (tp_btf): plain loads instead of helper calls for the skb, its device and namespace.
+# tracer.py loads it (bcc cannot) and falls back to XMIT_TRACEPOINT if the verifier refuses it.
+XMIT_BTF_TRACEPOINT = Attachment("btf_tracepoint", "net_dev_queue", "xmit_btf", fallback=XMIT_TRACEPOINT)
+# Tests and benchmarks: "raw" keeps the transmit program on the raw tracepoint where tp_btf works.
+XMIT_HOOK_ENV = "ROUTETRACE_XMIT_HOOK"
 
 
 def _has_fib6(facts: KernelFacts) -> bool:
@@ -232,5 +239,14 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto", limits: 
                            "there is one, before the packet's (a test of the pairing)")
         return AttachPlan("kprobe", [BPF_DIR / "common.c", BPF_DIR / "fib.c", BPF_DIR / "kprobe.c"],
                           attachments, offsets, filters, reasons, [*route_flags, *fib_flags], limits)
+    xmit, xmit_flags = XMIT_TRACEPOINT, ["-DRAW_XMIT=1"]
+    if facts.btf_tracepoints and os.environ.get(XMIT_HOOK_ENV) != "raw":
+        xmit = XMIT_BTF_TRACEPOINT
+        xmit_flags.append("-DXMIT_BTF=1")
+        reasons.append("net_dev_queue as a BTF-typed tracepoint: the skb, its device and namespace by plain loads")
+    elif os.environ.get(XMIT_HOOK_ENV) == "raw":
+        reasons.append(f"{XMIT_HOOK_ENV}=raw: net_dev_queue as a raw tracepoint")
+    else:
+        reasons.append("net_dev_queue as a raw tracepoint (this kernel or process cannot load BTF-typed ones)")
     return AttachPlan("tracepoint", [BPF_DIR / "common.c", BPF_DIR / "fib.c", BPF_DIR / "tracepoint.c"],
-                      [*fib, XMIT_TRACEPOINT], offsets, filters, reasons, ["-DRAW_XMIT=1", *fib_flags], limits)
+                      [*fib, xmit], offsets, filters, reasons, [*xmit_flags, *fib_flags], limits)

@@ -90,6 +90,8 @@ class Tracer:
         self._epoch = 0
         self._created_base = [0, 0]
         self._buffers = None
+        self._btf_progs: dict[str, int] = {}     # BTF-typed tracepoint programs: fn -> program fd
+        self._btf_links: dict[str, int] = {}     # ... and their attachments while attached
 
     def __enter__(self) -> "Tracer":
         bcc = import_bcc()
@@ -99,16 +101,22 @@ class Tracer:
         try:
             self._bpf = bcc.BPF(text=self.plan.program_text().encode(), cflags=self.plan.cflags)
             # (RAW_)TRACEPOINT_PROBE functions attach themselves on load; the rest by the plan.
-            for a in self.plan.attachments:
-                if a.kind in ("kprobe", "kretprobe"):
+            for i, a in enumerate(self.plan.attachments):
+                if a.kind == "btf_tracepoint":
+                    a = self._load_btf(i, a)
+                if a.kind == "btf_tracepoint" or _attached_by_plan(a):
                     if self.attach:
                         self._attach(a)
-                    else:
-                        self._bpf.load_func(a.fn.encode(), bcc.BPF.KPROBE)
+                    elif a.kind != "btf_tracepoint":
+                        self._bpf.load_func(a.fn.encode(), bcc.BPF.KPROBE if a.kind in ("kprobe", "kretprobe")
+                                            else bcc.BPF.RAW_TRACEPOINT)
         except Exception as exc:  # bcc raises bare Exception on compile or attach failure
+            self._close_btf()
             if self._bpf is not None:
                 self._bpf.cleanup()
                 self._bpf = None
+            if isinstance(exc, EnvironmentProblem):
+                raise
             raise EnvironmentProblem(f"could not load the {self.plan.backend} BPF program: {exc}") from None
         if self._table(b"new_flows") is not None:
             self._bpf[b"new_flows"].open_ring_buffer(self._on_new_flow)
@@ -124,6 +132,34 @@ class Tracer:
                 self._profile_fd = None
         return self
 
+    def _load_btf(self, index: int, a):
+        """Load a BTF-typed tracepoint program from bcc's compiled instructions (bcc cannot load
+        this kind). If the kernel refuses it, the plan's fallback -- the same code on the raw
+        tracepoint, compiled in the same unit -- takes its place, and the plan says why."""
+        from .bpfsys import load_btf_tracepoint
+        from .btf import Btf
+        try:
+            type_id = Btf.load().tracepoint_id(a.target)
+            if type_id is None:
+                raise EnvironmentProblem(f"no btf_trace_{a.target} in the kernel's BTF")
+            from bcc.libbcc import lib
+            self._btf_progs[a.fn] = load_btf_tracepoint(self._bpf.dump_func(a.fn.encode()), a.fn, type_id,
+                                                        lib.bpf_module_license(self._bpf.module) or b"GPL")
+            return a
+        except EnvironmentProblem as exc:
+            fallback = a.fallback
+            if fallback is None:
+                raise
+            self.plan.attachments[index] = fallback
+            self.plan.reasons.append(f"{exc}; {fallback.fn} on the raw tracepoint instead")
+            return fallback
+
+    def _close_btf(self) -> None:
+        for fd in list(self._btf_links.values()) + list(self._btf_progs.values()):
+            os.close(fd)
+        self._btf_links.clear()
+        self._btf_progs.clear()
+
     def _table(self, name: bytes):
         """A map of the plan, or None when the plan has none by that name (bench's floor)."""
         try:
@@ -135,6 +171,7 @@ class Tracer:
         if getattr(self, "_profile_fd", None) is not None:
             os.close(self._profile_fd)
             self._profile_fd = None
+        self._close_btf()
         if self._bpf is not None:
             if kprobe_pmu():
                 self._release_kprobes()
@@ -152,7 +189,11 @@ class Tracer:
             del self._bpf.kprobe_fds[ev_name]
 
     def _attach(self, a) -> None:
-        if a.kind == "raw_tracepoint":
+        if a.kind == "btf_tracepoint":
+            from .bpfsys import attach_btf_tracepoint
+            if a.fn not in self._btf_links:
+                self._btf_links[a.fn] = attach_btf_tracepoint(self._btf_progs[a.fn])
+        elif a.kind == "raw_tracepoint":
             self._bpf.attach_raw_tracepoint(tp=a.target.encode(), fn_name=a.fn.encode())
         elif a.kind == "tracepoint":
             self._bpf.attach_tracepoint(tp=a.target.encode(), fn_name=a.fn.encode())
@@ -163,7 +204,11 @@ class Tracer:
                                        maxactive=a.maxactive)
 
     def _detach(self, a) -> None:
-        if a.kind == "raw_tracepoint":
+        if a.kind == "btf_tracepoint":
+            fd = self._btf_links.pop(a.fn, None)
+            if fd is not None:
+                os.close(fd)
+        elif a.kind == "raw_tracepoint":
             self._bpf.detach_raw_tracepoint(tp=a.target.encode())
         elif a.kind == "tracepoint":
             self._bpf.detach_tracepoint(tp=a.target.encode())
@@ -303,9 +348,10 @@ class Tracer:
             seen.add(a.fn)
             # Not "if self._bpf": bcc's BPF object is falsy until one of its maps is opened.
             fn = self._bpf.funcs.get(a.fn.encode()) if self._bpf is not None else None
-            if fn is None:
+            fd = self._btf_progs.get(a.fn, fn.fd if fn is not None else None)
+            if fd is None:
                 continue
-            run_time, run_cnt, misses = program_info(fn.fd)
+            run_time, run_cnt, misses = program_info(fd)
             out.append(ProgramStats(a.fn, run_time, run_cnt, misses))
         return out
 
@@ -327,6 +373,14 @@ class Tracer:
 
 
 KPROBE_PMU = "/sys/bus/event_source/devices/kprobe/type"
+
+
+def _attached_by_plan(a) -> bool:
+    """bcc attaches (RAW_)TRACEPOINT_PROBE functions (named tracepoint__*/raw_tracepoint__*) on
+    load; every other function the plan attaches itself."""
+    if a.kind in ("kprobe", "kretprobe"):
+        return True
+    return not a.fn.startswith(("tracepoint__", "raw_tracepoint__"))
 
 
 def kprobe_pmu() -> bool:

@@ -69,6 +69,9 @@ def _kernel_has(facts: KernelFacts, attachment: probes.Attachment) -> bool:
         # A raw tracepoint is named by its event alone ("net_dev_queue" of net/net_dev_queue).
         present = any(ok and tp.split("/")[1] == attachment.target for tp, ok in facts.tracepoints.items())
         return present and facts.raw_tracepoints
+    if attachment.kind == "btf_tracepoint":
+        present = any(ok and tp.split("/")[1] == attachment.target for tp, ok in facts.tracepoints.items())
+        return present and facts.btf_tracepoints
     if attachment.kind in ("kprobe", "kretprobe"):
         return facts.kprobes and attachment.target in facts.symbols
     raise AssertionError(f"unknown attachment kind {attachment.kind!r}: teach this test what it needs")

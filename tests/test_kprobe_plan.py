@@ -58,6 +58,25 @@ def test_auto_falls_back_to_tracepoints_and_says_why():
     assert probes.choose(facts(), probes.Filters(), "tracepoint").backend == "tracepoint"
 
 
+def test_the_transmit_program_takes_the_btf_typed_tracepoint_where_the_kernel_loads_one(monkeypatch):
+    monkeypatch.delenv(probes.XMIT_HOOK_ENV, raising=False)
+    typed = probes.choose(facts(kprobes=False, btf_tracepoints=True), probes.Filters())
+    assert typed.attachments[-1] == probes.XMIT_BTF_TRACEPOINT
+    assert typed.attachments[-1].fallback == probes.XMIT_TRACEPOINT
+    assert "-DXMIT_BTF=1" in typed.cflags and "-DRAW_XMIT=1" in typed.cflags
+    assert any("BTF-typed tracepoint" in r for r in typed.reasons)
+    # Without the fact (a kernel before 5.5, or one refusing tracing programs): the raw tracepoint.
+    raw = probes.choose(facts(kprobes=False, btf_tracepoints=False), probes.Filters())
+    assert raw.attachments[-1] == probes.XMIT_TRACEPOINT and "-DXMIT_BTF=1" not in raw.cflags
+    assert any("cannot load BTF-typed" in r for r in raw.reasons)
+    # Asked for (tests, benchmarks): raw even where typed would load.
+    monkeypatch.setenv(probes.XMIT_HOOK_ENV, "raw")
+    forced = probes.choose(facts(kprobes=False, btf_tracepoints=True), probes.Filters())
+    assert forced.attachments[-1] == probes.XMIT_TRACEPOINT and "-DXMIT_BTF=1" not in forced.cflags
+    # The kprobe plan keeps its kprobe on the transmit function either way.
+    assert str(probes.choose(facts(btf_tracepoints=True), probes.Filters()).attachments[4]) == "kprobe __dev_queue_xmit"
+
+
 def test_fib6_is_attached_only_where_the_kernel_has_it():
     with_v6 = probes.choose(facts(), probes.Filters())
     assert "-DHAVE_FIB6=1" in with_v6.cflags

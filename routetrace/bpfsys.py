@@ -1,0 +1,80 @@
+"""The bpf(2) calls bcc does not make: loading and attaching a BTF-typed tracepoint program (tp_btf).
+
+bcc compiles the program (and relocates its maps) but loads tracing programs only for the
+attach types its function-name prefixes imply (fentry, fexit, LSM), never BPF_TRACE_RAW_TP. So
+tracer.py takes the compiled instructions from bcc and loads them here, with the tracepoint's
+BTF id (the `btf_trace_<name>` typedef in /sys/kernel/btf/vmlinux); attaching is
+BPF_RAW_TRACEPOINT_OPEN without a name (the kernel takes the tracepoint from the program).
+Only ctypes and the syscall: no bcc import here.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import struct
+
+from .errors import EnvironmentProblem
+
+SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
+BPF_PROG_LOAD = 5
+BPF_RAW_TRACEPOINT_OPEN = 17
+BPF_PROG_TYPE_TRACING = 26
+BPF_TRACE_RAW_TP = 23
+# union bpf_attr for BPF_PROG_LOAD, up to attach_btf_id and attach_prog_fd (5.5+):
+# prog_type, insn_cnt, insns, license, log_level, log_size, log_buf, kern_version, prog_flags,
+# prog_name[16], prog_ifindex, expected_attach_type, prog_btf_fd, func_info_rec_size, func_info,
+# func_info_cnt, line_info_rec_size, line_info, line_info_cnt, attach_btf_id, attach_prog_fd
+_PROG_LOAD = struct.Struct("=IIQQIIQII16sIIIIQIIQIII")
+_RAW_TP_OPEN = struct.Struct("=QII")         # name, prog_fd, pad
+LOG_SIZE = 1 << 20
+# r0 = 0; exit: what `btf_tracepoint_loads` asks the kernel to accept.
+_RETURN_ZERO = bytes.fromhex("b700000000000000" "9500000000000000")
+
+
+def _sys_bpf(cmd: int, attr: bytes) -> tuple[int, int]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    ret = libc.syscall(SYS_BPF, cmd, buf, len(attr))
+    return ret, ctypes.get_errno()
+
+
+def load_btf_tracepoint(insns: bytes, name: str, btf_id: int, license: bytes = b"GPL",
+                        with_log: bool = True) -> int:
+    """Load a program for the BTF-typed tracepoint whose `btf_trace_*` typedef is btf_id. Returns
+    the program's fd; raises EnvironmentProblem with the verifier's last words when refused."""
+    if SYS_BPF is None:
+        raise EnvironmentProblem(f"BTF-typed tracepoints: no bpf(2) number known for {platform.machine()}")
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license)
+    log = ctypes.create_string_buffer(LOG_SIZE if with_log else 1)
+    attr = _PROG_LOAD.pack(BPF_PROG_TYPE_TRACING, len(insns) // 8, ctypes.addressof(code), ctypes.addressof(lic),
+                           1 if with_log else 0, LOG_SIZE if with_log else 0,
+                           ctypes.addressof(log) if with_log else 0, 0, 0,
+                           name.encode()[:15], 0, BPF_TRACE_RAW_TP, 0, 0, 0, 0, 0, 0, 0, btf_id, 0)
+    fd, err = _sys_bpf(BPF_PROG_LOAD, attr)
+    if fd < 0:
+        tail = " / ".join(line for line in log.value.decode(errors="replace").splitlines()[-3:] if line)
+        raise EnvironmentProblem(f"the kernel refused {name} as a BTF-typed tracepoint program: "
+                                 f"{os.strerror(err)}" + (f" ({tail})" if tail else ""))
+    return fd
+
+
+def attach_btf_tracepoint(prog_fd: int) -> int:
+    """Attach a loaded BTF-typed tracepoint program; the returned fd is the attachment (close it
+    to detach)."""
+    fd, err = _sys_bpf(BPF_RAW_TRACEPOINT_OPEN, _RAW_TP_OPEN.pack(0, prog_fd, 0))
+    if fd < 0:
+        raise EnvironmentProblem(f"could not attach a BTF-typed tracepoint program: {os.strerror(err)}")
+    return fd
+
+
+def btf_tracepoint_loads(btf_id: int) -> bool:
+    """Whether this kernel accepts BTF-typed tracepoint programs (a trivial one, for btf_id) from
+    this process: tracing programs need 5.5+, BTF, and privileges some machines withhold."""
+    try:
+        fd = load_btf_tracepoint(_RETURN_ZERO, "rt_probe", btf_id, with_log=False)
+    except EnvironmentProblem:
+        return False
+    os.close(fd)
+    return True
