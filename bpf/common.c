@@ -238,10 +238,32 @@ static __always_inline u32 dev_netns(void *dev, u32 *ifindex, const int direct)
     return netns_of_net(read_ptr(dev, OFF_NETDEV_NET));
 }
 
-static __always_inline u32 dev_loopback(void *dev)
+/* size bytes at src: a plain copy when src is a BTF-typed pointer (direct; the verifier checks
+ * each load against BTF and a fault reads as 0), else a helper call. direct and size are
+ * constants at every call site once inlined. */
+static __always_inline void kread(void *dst, const int size, const void *src, const int direct)
+{
+    /* Loads of the member's own width: memcpy from a void * would be split into byte loads,
+     * which the verifier refuses on a pointer member. */
+    if (direct && size == 1)
+        *(u8 *)dst = *(const u8 *)src;
+    else if (direct && size == 2)
+        *(u16 *)dst = *(const u16 *)src;
+    else if (direct && size == 4)
+        *(u32 *)dst = *(const u32 *)src;
+    else if (direct && size == 8)
+        *(u64 *)dst = *(const u64 *)src;
+    else if (direct && size == 16) {
+        ((u64 *)dst)[0] = ((const u64 *)src)[0];
+        ((u64 *)dst)[1] = ((const u64 *)src)[1];
+    } else
+        bpf_probe_read_kernel(dst, size, src);
+}
+
+static __always_inline u32 dev_loopback(void *dev, const int direct)
 {
     u32 flags = 0;
-    bpf_probe_read_kernel(&flags, sizeof(flags), dev + OFF_NETDEV_FLAGS);
+    kread(&flags, sizeof(flags), dev + OFF_NETDEV_FLAGS, direct);
     return flags & NETDEV_IFF_LOOPBACK;
 }
 
@@ -322,7 +344,7 @@ static __always_inline void remember_fib(u32 netns, u8 family, const u8 *daddr, 
 #define TCP_TIME_WAIT 6
 #define TCP_NEW_SYN_RECV 12
 
-static __always_inline void *route_of(void *refdst, void *sk, u8 *src)
+static __always_inline void *route_of(void *refdst, void *sk, u8 *src, const int direct)
 {
     void *rt = (void *)((unsigned long)refdst & ~1UL);
     if (rt) {
@@ -332,10 +354,10 @@ static __always_inline void *route_of(void *refdst, void *sk, u8 *src)
     if (!sk)
         return 0;
     u8 state = 0;
-    bpf_probe_read_kernel(&state, sizeof(state), sk + OFF_SK_STATE);
+    kread(&state, sizeof(state), sk + OFF_SK_STATE, direct);
     if (state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV)   /* not a full socket */
         return 0;
-    rt = read_ptr(sk, OFF_SK_DST_CACHE);
+    kread(&rt, sizeof(rt), sk + OFF_SK_DST_CACHE, direct);
     if (rt)
         *src = ROUTE_FROM_SOCKET;
     return rt;
@@ -369,7 +391,7 @@ static __always_inline void describe_route(struct flow_value *v, void *rt, u8 fa
     if (rdev) {
         bpf_probe_read_kernel(&v->route_ifindex, sizeof(v->route_ifindex), rdev + OFF_NETDEV_IFINDEX);
         bpf_probe_read_kernel(&v->route_dev, DEVNAME_LEN, rdev + OFF_NETDEV_NAME);
-        if (dev_loopback(rdev))
+        if (dev_loopback(rdev, 0))
             v->flags |= FLOW_ROUTE_LOOPBACK;
     }
 }
@@ -447,7 +469,7 @@ enum create_result { FLOW_CREATED, FLOW_RACED, FLOW_NOT_CREATED, FLOW_FILTERED }
  * lookup after the insert, no atomics). FLOW_RACED: another CPU inserted the same key first,
  * count into its entry; FLOW_NOT_CREATED: the map is full. */
 static __always_inline int create_flow(u32 epoch, struct flow_key *key, void *dev, void *refdst, void *sk,
-                                       u64 bytes, u16 segments, u8 is_fragment)
+                                       u64 bytes, u16 segments, u8 is_fragment, const int direct)
 {
 #ifdef FILTER_PID
     if ((bpf_get_current_pid_tgid() >> 32) != FILTER_PID)
@@ -465,12 +487,12 @@ static __always_inline int create_flow(u32 epoch, struct flow_key *key, void *de
     v->first_ns = bpf_ktime_get_ns();
     v->pid = bpf_get_current_pid_tgid() >> 32;
     bpf_get_current_comm(&v->comm, sizeof(v->comm));
-    bpf_probe_read_kernel(&v->dev, DEVNAME_LEN, dev + OFF_NETDEV_NAME);
-    if (dev_loopback(dev))
+    kread(&v->dev, DEVNAME_LEN, dev + OFF_NETDEV_NAME, direct);
+    if (dev_loopback(dev, direct))
         v->flags |= FLOW_DEV_LOOPBACK;
 
     u8 src = ROUTE_NONE;
-    void *rt = route_of(refdst, sk, &src);
+    void *rt = route_of(refdst, sk, &src, direct);
 #ifdef ROUTE_PREFER_LOOKUP
     /* Test mode (ROUTETRACE_PREFER_LOOKUP=1, kprobe plan): the flow's own paired lookup before the
      * packet's route, which every packet still carries at __dev_queue_xmit's entry -- so the VM
@@ -487,7 +509,7 @@ static __always_inline int create_flow(u32 epoch, struct flow_key *key, void *de
     }
     if (key->family == 4 && sk) {
         u16 socket_family = 0;   /* not "sk_family": a macro in net/sock.h */
-        bpf_probe_read_kernel(&socket_family, sizeof(socket_family), sk + OFF_SK_FAMILY);
+        kread(&socket_family, sizeof(socket_family), sk + OFF_SK_FAMILY, direct);
         if (socket_family == AF_INET6_)
             v->flags |= FLOW_V4_MAPPED_SOCKET;
     }
@@ -656,7 +678,7 @@ static __always_inline int account_xmit(void *skb, const int direct)
     struct flow_value *fv = lookup_flow(epoch, &key);
     if (!fv) {
         int created = create_flow(epoch, &key, dev, SKB_FIELD(void *, OFF_SKB_REFDST), SKB_FIELD(void *, OFF_SKB_SK),
-                                  bytes, segments, is_fragment);
+                                  bytes, segments, is_fragment, direct);
         if (created == FLOW_CREATED || created == FLOW_FILTERED)
             return 0;                 /* counted in the new entry / another process's flow */
         fv = created == FLOW_RACED ? lookup_flow(epoch, &key) : 0;

@@ -103,7 +103,7 @@ int route_return(struct pt_regs *ctx)
     if (dev) {
         bpf_probe_read_kernel(&v.ifindex, sizeof(v.ifindex), dev + OFF_NETDEV_IFINDEX);
         bpf_probe_read_kernel(&v.dev, DEVNAME_LEN, dev + OFF_NETDEV_NAME);
-        v.loopback = dev_loopback(dev) != 0;
+        v.loopback = dev_loopback(dev, 0) != 0;
     }
     route_answers.update(&k, &v);
     return 0;

@@ -77,7 +77,9 @@ def run(against: Path | None, rounds: int, slice_s: float, mode: str) -> list[di
         if facts.btf_tracepoints:
             plans["floor-btf"] = floor_plan("btf")
         if against is not None:
-            old_xmit = dataclasses.replace(raw_plan.attachments[-1], fn="raw_tracepoint__net_dev_queue")
+            # Checkouts before the BTF-typed hook named the raw one for bcc's auto-attach.
+            named = "xmit_raw" if "xmit_raw" in (against / "tracepoint.c").read_text() else "raw_tracepoint__net_dev_queue"
+            old_xmit = dataclasses.replace(raw_plan.attachments[-1], fn=named)
             plans["against"] = dataclasses.replace(raw_plan, sources=[against / p.name for p in plan.sources],
                                                    attachments=[*raw_plan.attachments[:-1], old_xmit])
         plans["routetrace"] = plan

@@ -26,6 +26,14 @@ for i in range(40):
 six = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 for i in range(12):
     six.sendto(b'z' * 20, ('::1', 20200 + i % 3))
+for i in range(3):      # refused by the peer: a SYN routed by its socket (an IPv6 one, v4-mapped)
+    t = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    t.settimeout(2)
+    try:
+        t.connect(('::ffff:' + sys.argv[1], 20300 + i))
+    except OSError:
+        pass
+    t.close()
 """
 
 
@@ -50,7 +58,8 @@ def _entries(tracer: Tracer) -> dict:
             flow, _ = decode_entry(keys[i * ksize:(i + 1) * ksize], values[i * vsize:(i + 1) * vsize], "tracepoint")
             dev = flow.devices[0]
             out[(flow.key, dev["ifindex"])] = (flow.packets, flow.bytes, flow.segments, dev["name"], dev["loopback"],
-                                              flow.route_type, flow.route_dev, flow.route_src)
+                                              flow.route_type, flow.route_dev, flow.route_src, flow.comm,
+                                              flow.extra.get("v4_mapped_socket", False))
     return out
 
 
@@ -76,7 +85,7 @@ def test_the_typed_and_the_raw_hook_count_the_same_packets_the_same_way(sandbox,
         from_typed, from_raw = _entries(typed), _entries(raw)
         stats = {p.name: p.run_cnt for p in typed.program_stats()}
     # The test's own packets (the kernel's own, MLD and the like, may fall between the two attaches).
-    mine = {"udp"}
+    mine = {"udp", "tcp"}
     from_typed = {k: v for k, v in from_typed.items() if k[0].proto in mine}
     from_raw = {k: v for k, v in from_raw.items() if k[0].proto in mine}
     assert from_typed == from_raw
@@ -92,6 +101,10 @@ def test_the_typed_and_the_raw_hook_count_the_same_packets_the_same_way(sandbox,
     assert all(not v[4] and v[3] == "eth0" for v in to_peer.values()), to_peer
     assert all(v[4] and v[5] == "LOCAL" and v[7] == "packet" for v in to_own.values()), to_own
     assert sum(v[1] for v in to_peer.values()) == sum(28 + 10 + i for i in range(40))   # IP bytes
+    # The SYNs: the route the connecting socket keeps (read from the socket), the v4-mapped flag.
+    syns = {k: v for k, v in from_typed.items() if k[0].proto == "tcp" and k[0].daddr == sandbox.peer_addr}
+    assert len(syns) == 3, from_typed
+    assert all(v[5] == "UNICAST" and v[6] == "eth0" and v[7] == "socket" and v[9] for v in syns.values()), syns
     assert stats["xmit_btf"] > 0
 
 
