@@ -13,9 +13,10 @@ summarised as a geometric mean with a 95% t-interval, "measurable" only when tha
 excludes 1.
 
 Conditions: "untraced"; with --trace also "traced" (routetrace's real session, pumped from a
-background thread as watch pumps it) and the floor: one per-CPU increment on the same hook,
-as a raw tracepoint ("floor-raw") and a regular one ("floor-tp"). Only one set of programs is
-attached at a time; the others stay loaded and detached.
+background thread as watch pumps it) and the floor: one per-CPU increment on the same tracepoint,
+the way routetrace's transmit program is attached ("floor-btf" for the BTF-typed tracepoint,
+"floor-raw" for the raw one) and as a regular tracepoint ("floor-tp", which copies its record
+first). Only one set of programs is attached at a time; the others stay loaded and detached.
 """
 from __future__ import annotations
 
@@ -208,7 +209,12 @@ METRICS: list[Metric] = [
     Metric("conn", "per_s", "connection rate", "conn/s", False),
 ]
 MODES = tuple(loadgen.MODES)
-CONDITIONS = ("untraced", "traced", "floor-raw", "floor-tp")
+CONDITIONS = ("untraced", "traced", "floor-raw", "floor-tp")   # where the transmit program is on the raw hook
+
+
+def conditions_for(xmit_kind: str) -> tuple[str, ...]:
+    """The conditions of a --trace run: the first floor sits on the transmit program's own hook."""
+    return ("untraced", "traced", "floor-btf" if xmit_kind == "btf_tracepoint" else "floor-raw", "floor-tp")
 # The observer-effect goals (a benchmark output, not an assertion): the largest acceptable
 # cost on one metric each, as a fraction.
 GOALS = {("tcp-rr", "p50"): 0.02, ("conn", "per_s"): 0.05, ("tcp-bulk", "mb_per_s"): 0.01}
@@ -713,14 +719,16 @@ def experiment(prepare, *, sandbox: bool, own: list[str] | None = None, family: 
             obs.programs["traced"], obs.session, obs.pumper = session, session, Pumper(session)
             conditions = ("untraced", "traced")
             if floor:
-                for cond, hook in (("floor-raw", "raw"), ("floor-tp", "tp")):
+                conditions = conditions_for(session.plan.attachments[-1].kind if session.plan.backend == "tracepoint"
+                                            else "raw_tracepoint")
+                for cond in conditions[2:]:
+                    hook = cond.removeprefix("floor-")
                     tracer = stack.enter_context(Tracer(floor_plan(hook), headers))
                     # Opening the count map also makes bcc's BPF object truthy (its len() counts
                     # opened maps), which Tracer.program_stats() tests before it reports anything.
                     obs.floor_counts[cond] = tracer._bpf[b"floor_count"]
                     tracer.set_attached(False)
                     obs.programs[cond] = tracer
-                conditions = CONDITIONS
         family_by_target = {t: c.family for c in comparisons for t in c.targets}
 
         def measure(cond, mode, target, secs):

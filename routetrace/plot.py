@@ -11,7 +11,8 @@ from .bench import Samples, geo_interval, metrics_for
 from .loadgen import LATENCY_MODES, MODES
 
 # Colour says the condition, the line style the target.
-COLORS = {"untraced": "black", "traced": "tab:red", "floor-raw": "tab:green", "floor-tp": "tab:purple"}
+COLORS = {"untraced": "black", "traced": "tab:red", "floor-raw": "tab:green", "floor-btf": "tab:olive",
+          "floor-tp": "tab:purple"}
 
 
 def _style(target: str, targets) -> str:
