@@ -435,3 +435,17 @@ def test_vm_test_fails_every_cell_of_a_kernel_that_does_not_boot(tmp_path):
     assert set(rows) == {"kprobe", "tracepoint"}, out.stdout
     for row in rows.values():
         assert row.split()[3] == "FAILED" and "did not boot" in row, row
+
+
+@in_every_vm
+def test_the_transmit_program_runs_on_the_typed_hook_wherever_the_kernel_loads_one(matrix):
+    """The tracepoint plan's transmit program is the BTF-typed one where the kernel takes a typed
+    program at all: the verifier took the real one too (no fallback to the raw tracepoint)."""
+    from routetrace import kernel
+    names = {p["name"] for p in matrix.summary["programs"]}
+    if matrix.backend == "kprobe":
+        assert "xmit_entry" in names, names
+    elif kernel.gather().btf_tracepoints:
+        assert "xmit_btf" in names and "xmit_raw" not in names, names
+    else:
+        assert "xmit_raw" in names, names
