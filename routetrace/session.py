@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import netns
-from .events import (COUNTS_STRUCT, KEY_STRUCT, VALUE_STRUCT, Flow, LossCounters, decode_fields, devices_of,
-                     flow_key_of)
+from .events import (KEY_STRUCT, NOTICE_BYTES, VALUE_COUNTS_STRUCT, VALUE_STRUCT, Flow, LossCounters, decode_notices,
+                     decode_unpacked, devices_of, flow_key_of)
 from .flows import DEFAULT_KEEP_FLOWS, FlowTable, Verdict, classify, verdict
 from .probes import AttachPlan
 from .record import TraceWriter
+from .ringbuf import records_in
 from .tracer import Tracer
 
 RECORD_INTERVAL_S = 1.0
@@ -27,12 +28,9 @@ GC_THRESHOLD = 50_000          # allocations between young-generation collection
 DRAIN_INTERVAL_S = 0.5
 
 
-NOTICE_BYTES = KEY_STRUCT.size + VALUE_STRUCT.size + 8     # struct new_flow_event + the ring's header
-
-
 def ring_notices(ring_pages: int) -> int:
     """New-flow notices the ring holds when full."""
-    return ring_pages * 4096 // ((NOTICE_BYTES + 7) // 8 * 8)
+    return records_in(ring_pages * 4096, NOTICE_BYTES)
 
 
 class OwnAddresses:
@@ -95,8 +93,8 @@ class Session:
         self.recorder.netns(inode, netns.name_of(inode), addresses)
 
     def _folded(self, flow: Flow) -> None:
-        self._dirty.pop(flow.key, None)
         if self.recorder:
+            self._dirty.pop(flow.key, None)
             self.recorder.flows([flow])           # its last counts, then it leaves the table
             self.recorder.fold(flow.key)
 
@@ -152,14 +150,21 @@ class Session:
         or one drained chunk -- never a whole drain's worth at once."""
         if not flows:
             return 0
-        for flow in flows:
-            self.own(flow.netns)
+        for inode in {flow.netns for flow in flows}:
+            self.own(inode)
         if self.on_flows:
             self.on_flows(flows)
         return len(flows)
 
     def _take_notices(self, timeout_ms: int) -> int:
-        new = [f for f in self._tracer.poll(timeout_ms) if self.table.notice(f)]
+        # Runs of raw ring records, decoded in bulk (one iter_unpack per run); a flow already
+        # known (a second device's notice, a flow folded meanwhile) is not streamed again.
+        notice, backend = self.table.notice, self.plan.backend
+        new = []
+        for records in self._tracer.poll(timeout_ms):
+            for flow in decode_notices(records, backend):
+                if notice(flow):
+                    new.append(flow)
         if self.recorder:
             for flow in new:
                 self._dirty[flow.key] = flow
@@ -168,17 +173,18 @@ class Session:
     def _take_counts(self, final: bool = False) -> int:
         now = time.monotonic_ns()
         table, recorder, backend = self.table, self.recorder, self.plan.backend
+        add_counts = table.add_counts
         vsize = VALUE_STRUCT.size
         streamed = 0
         for keys, values, _count in self._tracer.drain(final=final):
             new = []
-            for i, raw_key in enumerate(KEY_STRUCT.iter_unpack(keys)):
+            for i, (raw_key, counts) in enumerate(zip(KEY_STRUCT.iter_unpack(keys), VALUE_COUNTS_STRUCT.iter_unpack(values))):
                 key = flow_key_of(raw_key)
-                if table.add_counts(key, raw_key[1], COUNTS_STRUCT.unpack_from(values, i * vsize), now):
+                if add_counts(key, raw_key[1], counts, now):
                     if recorder:
                         self._dirty[key] = table.get(key)
                     continue
-                part, continued = decode_fields(raw_key, VALUE_STRUCT.unpack_from(values, i * vsize), backend, key)
+                part, continued = decode_unpacked(raw_key + VALUE_STRUCT.unpack_from(values, i * vsize), backend, key)
                 flow = table.add(part, continued, now)
                 if flow is not None:
                     new.append(flow)
