@@ -33,8 +33,17 @@ def clock_offset_ns() -> int:
     return time.time_ns() - time.monotonic_ns()
 
 
+_WALL_SECONDS: dict[int, str] = {}         # wall-clock second -> its HH:MM:SS (a storm's lines share a few)
+
+
 def wall_time(mono_ns: int, offset_ns: int) -> str:
-    return time.strftime("%H:%M:%S", time.localtime((mono_ns + offset_ns) / 1e9))
+    second = (mono_ns + offset_ns) // 1_000_000_000
+    text = _WALL_SECONDS.get(second)
+    if text is None:
+        if len(_WALL_SECONDS) >= 4096:
+            _WALL_SECONDS.clear()
+        text = _WALL_SECONDS[second] = time.strftime("%H:%M:%S", time.localtime(second))
+    return text
 
 
 def stream_line(flow: Flow, offset_ns: int) -> str:
