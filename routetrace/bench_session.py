@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 
-from .events import KEY_STRUCT, NOTICE_BYTES, VALUE_STRUCT
+from .events import KEY_STRUCT, NOTICE_BYTES, VALUE_STRUCT, LossCounters
 from .probes import Limits
 from .render import flow_json_line
 from .ringbuf import MemoryRing, record_stride
@@ -50,9 +50,19 @@ class FakeTracer:
         return self.reader.poll(timeout_ms) if self.reader._notices else []
 
     def drain(self, final=False):
-        for start in range(0, len(self.entries), CHUNK):
-            chunk = self.entries[start:start + CHUNK]
+        entries, self.entries = self.entries, []          # a drain empties the map
+        for start in range(0, len(entries), CHUNK):
+            chunk = entries[start:start + CHUNK]
             yield b"".join(k for k, _ in chunk), b"".join(v for _, v in chunk), len(chunk)
+
+    def created_since_drain(self):
+        return len(self.entries)
+
+    def losses(self):
+        return LossCounters()
+
+    def program_stats(self):
+        return []
 
 
 class Plan:

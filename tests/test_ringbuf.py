@@ -118,6 +118,26 @@ def test_the_session_streams_notices_read_from_a_ring_once_each():
     assert lines[0]["devices"][0]["ifindex"] == 2 and lines[0]["comm"] == "python3"
 
 
+def test_a_drain_empties_the_kernel_at_once_then_processes_a_budget_per_pump():
+    """The whole drain leaves the kernel in one pump (so the maps flip at once); its entries are
+    then processed PROCESS_BUDGET at a time, notices read in between, each flow streamed once."""
+    import io
+    from routetrace import bench_session, session as session_mod
+    entries = bench_session.entries(3 * session_mod.PROCESS_BUDGET + 100)
+    out = io.StringIO()
+    s = bench_session.session(entries, out)
+    s._last_drain = 0.0                                   # a drain is due
+    first = s.pump(0)
+    assert s._tracer.entries == []                        # all of it out of the kernel in this pump
+    assert first == session_mod.PROCESS_BUDGET            # ... and one budget of it processed
+    assert s._backlog_entries == len(entries) - session_mod.PROCESS_BUDGET
+    while s._backlog:
+        assert s.pump(0) <= session_mod.PROCESS_BUDGET
+    s.finish()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == len({(o["sport"], o["dport"]) for o in lines}) == len(entries)
+
+
 # ---- against the kernel -------------------------------------------------------------------
 
 @pytest.mark.bpf
