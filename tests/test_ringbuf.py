@@ -96,7 +96,7 @@ def test_the_session_streams_notices_read_from_a_ring_once_each():
     notice of a flow already streamed not again, and the reader stops at POLL_BUDGET."""
     import io
     from routetrace import bench_session
-    from routetrace.events import KEY_STRUCT, NOTICE_BYTES, VALUE_STRUCT
+    from routetrace.events import KEY_STRUCT, NOTICE_BYTES
     from routetrace.ringbuf import records_in
     from routetrace.tracer import POLL_BUDGET
     entries = bench_session.entries(POLL_BUDGET + 500)
