@@ -180,3 +180,4 @@ def test_a_real_ring_read_while_the_kernel_writes_gives_every_notice_once(sandbo
     assert all(r[6] == 17 for r in seen) and {r[3][:4] for r in seen} == {bytes(map(int, sandbox.peer_addr.split(".")))}
     assert len(seen) + dropped == created == sent         # one entry per datagram: distinct ports
     assert len(seen) > ringbuf.records_in(8 * 4096, NOTICE_BYTES)   # more than a ring's worth: it wrapped
+
