@@ -1,4 +1,6 @@
 """The stream's JSON line, made from a template (render.flow_json_fast), is the encoder's."""
+
+
 def test_the_templated_json_line_is_the_encoders_for_every_shape_a_live_flow_takes():
     """flow_json_line's template against the JSON encoder: one device, two devices (a flow seen
     on two), no route, no FIB, and counts of another type (the encoder's line, not a wrong one)."""
