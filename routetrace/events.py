@@ -8,6 +8,7 @@ import struct
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
+from .ringbuf import record_stride
 from .sanitize import kernel_string
 
 PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.IPPROTO_ICMP: "icmp"}
@@ -36,6 +37,19 @@ class FlowKey(NamedTuple):
     sport: int
     daddr: str
     dport: int
+
+
+class _KeyOnce:
+    """`flow.key`, computed at first use and stored in the instance's dict under "key", where
+    every later read finds it without calling anything (a descriptor with only __get__: the
+    instance's dict wins). The identifying fields never change after a flow is made; the
+    decoder stores the key it built, so the table's lookups of a storm's flows cost a dict read."""
+
+    def __get__(self, flow, owner=None):
+        if flow is None:
+            return self
+        key = flow.__dict__["key"] = FlowKey(flow.netns, flow.proto, flow.saddr, flow.sport, flow.daddr, flow.dport)
+        return key
 
 
 @dataclass
@@ -75,19 +89,12 @@ class Flow:
     # were, so an older reader passes a newer minor format through unchanged.
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
-    @property
-    def key(self) -> FlowKey:
-        # Computed once: the identifying fields never change after a flow is made.
-        key = self.__dict__.get("_key")
-        if key is None:
-            key = self.__dict__["_key"] = FlowKey(self.netns, self.proto, self.saddr, self.sport, self.daddr,
-                                                  self.dport)
-        return key
+    key = _KeyOnce()                # FlowKey: not a field (no annotation), cached in __dict__
 
     def to_dict(self) -> dict:
         # From the instance's own dict rather than asdict(), which deep-copies field by field:
         # a storm streams hundreds of thousands of these. (A dataclass's __dict__ holds its
-        # fields in declaration order, then the cached key.)
+        # fields in declaration order, then the cached "key".)
         out = self.shallow_dict()
         out["xmit_devs"] = dict(self.xmit_devs)
         out["devices"] = [dict(d) for d in self.devices]
@@ -96,7 +103,7 @@ class Flow:
     def shallow_dict(self) -> dict:
         """to_dict without copying the nested device dicts: for a view made and dropped at once."""
         out = {"type": "flow", **self.__dict__}
-        out.pop("_key", None)
+        out.pop("key", None)
         extra = out.pop("extra")
         for k, v in extra.items():
             out.setdefault(k, v)
@@ -109,19 +116,50 @@ class Flow:
 
 # struct flow_key / flow_value / new_flow_event in bpf/common.c, decoded with struct (not ctypes
 # objects): a drain can return tens of thousands of entries.
-KEY_STRUCT = struct.Struct("=II16s16sHHBBH")
-VALUE_STRUCT = struct.Struct("=QQQQQIIIIHBBI16s16s16s16s")
+KEY_FORMAT = "II16s16sHHBBH"
+VALUE_FORMAT = "QQQQQIIIIHBBI16s16s16s16s"
+KEY_STRUCT = struct.Struct("=" + KEY_FORMAT)
+VALUE_STRUCT = struct.Struct("=" + VALUE_FORMAT)
+NOTICE_BYTES = KEY_STRUCT.size + VALUE_STRUCT.size          # struct new_flow_event
+# A notice as the ring buffer holds it: the ring's 8-byte header, the event, padding to 8
+# bytes (ringbuf.record_stride). One iter_unpack decodes a run of them.
+NOTICE_RECORD = struct.Struct(f"=8x{KEY_FORMAT}{VALUE_FORMAT}{record_stride(NOTICE_BYTES) - 8 - NOTICE_BYTES}x")
 ROUTE_SOURCES = {0: None, 1: "packet", 2: "socket", 3: "lookup"}
 FLOW_HAS_FIB, FLOW_ROUTE_LOOPBACK, FLOW_DEV_LOOPBACK, FLOW_V4_MAPPED_SOCKET, FLOW_CONTINUED = 1, 2, 4, 8, 16
 PROTOCOLS_BY_FAMILY = {**PROTOCOLS, socket.IPPROTO_ICMPV6: "icmp6"}
-
-
 
 
 def address(family: int, raw: bytes) -> str:
     """An address as the BPF key holds it (16 bytes, IPv4 in the first 4), in RFC 5952 form
     (inet_ntop: the same text as ipaddress, several times faster in a storm)."""
     return socket.inet_ntop(socket.AF_INET, raw[:4]) if family == 4 else socket.inet_ntop(socket.AF_INET6, raw)
+
+
+# Text the kernel repeats, decoded once: a storm sends from a few addresses and processes, on a
+# few devices, to many ports. Raw bytes -> text; each cache is emptied when it grows past
+# TEXT_CACHE_LIMIT entries, so a storm to a million addresses costs memory for at most that many.
+TEXT_CACHE_LIMIT = 1 << 16
+_ADDRESSES_V4: dict[bytes, str] = {}
+_ADDRESSES_V6: dict[bytes, str] = {}
+_NAMES: dict[bytes, str] = {}
+_PROTOCOL_NAMES = {p: name for p, name in PROTOCOLS_BY_FAMILY.items()}
+_ROUTE_TYPE_NAMES = dict(enumerate(ROUTE_TYPES))
+_new_key = tuple.__new__        # FlowKey from a tuple, without the namedtuple's Python-level __new__
+
+
+def _cached_address(family: int, raw: bytes) -> str:
+    cache = _ADDRESSES_V4 if family == 4 else _ADDRESSES_V6
+    if len(cache) >= TEXT_CACHE_LIMIT:
+        cache.clear()
+    text = cache[raw] = address(family, raw)
+    return text
+
+
+def _cached_name(raw: bytes) -> str:
+    if len(_NAMES) >= TEXT_CACHE_LIMIT:
+        _NAMES.clear()
+    text = _NAMES[raw] = kernel_string(raw)
+    return text
 
 
 def decode_entry(key: bytes, value: bytes, backend: str) -> tuple[Flow, bool]:
@@ -133,49 +171,86 @@ def decode_entry(key: bytes, value: bytes, backend: str) -> tuple[Flow, bool]:
 def decode_fields(key: tuple, value: tuple, backend: str, flow_key: FlowKey | None = None) -> tuple[Flow, bool]:
     """decode_entry, from the structs already unpacked (KEY_STRUCT, VALUE_STRUCT); flow_key
     when the caller has it already (flow_key_of)."""
-    netns, ifindex, saddr, daddr, sport, dport, proto, family, _ = key
-    (packets, nbytes, segments, fragments, first_ns, pid, fib_table, route_ifindex, fib_ifindex,
-     route_type, route_src, flags, _, comm, dev, route_dev, fib_dev) = value
-    if flow_key is None:
-        flow_key = FlowKey(netns, PROTOCOLS_BY_FAMILY.get(proto, str(proto)), address(family, saddr), sport,
-                           address(family, daddr), dport)
-    has_route = route_src != 0
-    has_fib = flags & FLOW_HAS_FIB
-    dev_name = kernel_string(dev)
-    # The instance's dict built directly, in field order: the same object Flow(...) makes,
-    # without a 27-argument __init__ per flow (the hot path of a storm).
-    flow = object.__new__(Flow)
-    flow.__dict__ = {
-        "proto": flow_key.proto, "saddr": flow_key.saddr, "sport": sport,
-        "daddr": flow_key.daddr, "dport": dport, "netns": netns, "pid": pid, "comm": kernel_string(comm),
-        "route_type": route_type_name(route_type) if has_route else None,
-        "route_dev": (kernel_string(route_dev) or None) if has_route else None,
-        "fib_dev": (kernel_string(fib_dev) or None) if has_fib else None,
-        "fib_table": fib_table if has_fib else None,
-        "xmit_devs": {dev_name: packets},       # a notice carries the device, with no counts yet
-        "packets": packets, "bytes": nbytes, "first_ns": first_ns, "last_ns": first_ns, "backend": backend,
-        "family": family, "segments": segments, "route_src": ROUTE_SOURCES.get(route_src),
-        "route_ifindex": route_ifindex if has_route else None,
-        "route_loopback": bool(flags & FLOW_ROUTE_LOOPBACK) if has_route else None,
-        "fib_ifindex": fib_ifindex if has_fib else None,
-        "devices": [{"ifindex": ifindex, "name": dev_name, "loopback": bool(flags & FLOW_DEV_LOOPBACK),
-                     "packets": packets, "segments": segments, "bytes": nbytes}],
-        "fragments": fragments,
-        "extra": {"v4_mapped_socket": True} if flags & FLOW_V4_MAPPED_SOCKET else {},
-        "_key": flow_key,
-    }
-    return flow, bool(flags & FLOW_CONTINUED)
+    return decode_unpacked(key + value, backend, flow_key)
+
+
+def decode_unpacked(entry: tuple, backend: str, flow_key: FlowKey | None = None) -> tuple[Flow, bool]:
+    """decode_fields from one tuple: KEY_STRUCT's fields, then VALUE_STRUCT's (what
+    NOTICE_RECORD.iter_unpack yields for a notice)."""
+    return decode_flows((entry,), backend, flow_key)[0], bool(entry[20] & FLOW_CONTINUED)
+
+
+def decode_notices(records: bytes, backend: str) -> list[Flow]:
+    """A run of new-flow notices as the ring holds them (NOTICE_RECORD each), as Flows."""
+    return decode_flows(NOTICE_RECORD.iter_unpack(records), backend)
+
+
+def decode_flows(entries, backend: str, flow_key: FlowKey | None = None) -> list[Flow]:
+    """Unpacked entries (KEY_STRUCT's fields, then VALUE_STRUCT's) as Flows, in one loop (a
+    storm decodes hundreds of thousands: no call per entry). flow_key: of a single entry,
+    when the caller has it already (flow_key_of)."""
+    out: list[Flow] = []
+    append = out.append
+    names, new_flow = _NAMES, object.__new__
+    for (netns, ifindex, saddr, daddr, sport, dport, proto, family, _, packets, nbytes, segments, fragments, first_ns,
+         pid, fib_table, route_ifindex, fib_ifindex, route_type, route_src, flags, _, comm, dev, route_dev,
+         fib_dev) in entries:
+        key = flow_key
+        if key is None:
+            addresses = _ADDRESSES_V4 if family == 4 else _ADDRESSES_V6
+            key = _new_key(FlowKey, (netns, _PROTOCOL_NAMES.get(proto) or str(proto),
+                                     addresses.get(saddr) or _cached_address(family, saddr), sport,
+                                     addresses.get(daddr) or _cached_address(family, daddr), dport))
+        dev_name = names.get(dev)
+        if dev_name is None:
+            dev_name = _cached_name(dev)
+        comm_text = names.get(comm)
+        if comm_text is None:
+            comm_text = _cached_name(comm)
+        if route_src:
+            route = (_ROUTE_TYPE_NAMES.get(route_type) or route_type_name(route_type),
+                     names.get(route_dev) or _cached_name(route_dev) or None, ROUTE_SOURCES.get(route_src),
+                     route_ifindex, bool(flags & FLOW_ROUTE_LOOPBACK))
+        else:
+            route = (None, None, None, None, None)
+        if flags & FLOW_HAS_FIB:
+            fib = (names.get(fib_dev) or _cached_name(fib_dev) or None, fib_table, fib_ifindex)
+        else:
+            fib = (None, None, None)
+        # The instance's dict built directly, in field order: the same object Flow(...) makes,
+        # without a 27-argument __init__ per flow (the hot path of a storm).
+        flow = new_flow(Flow)
+        flow.__dict__ = {
+            "proto": key[1], "saddr": key[2], "sport": sport,
+            "daddr": key[4], "dport": dport, "netns": netns, "pid": pid, "comm": comm_text,
+            "route_type": route[0], "route_dev": route[1], "fib_dev": fib[0], "fib_table": fib[1],
+            "xmit_devs": {dev_name: packets},       # a notice carries the device, with no counts yet
+            "packets": packets, "bytes": nbytes, "first_ns": first_ns, "last_ns": first_ns, "backend": backend,
+            "family": family, "segments": segments, "route_src": route[2],
+            "route_ifindex": route[3], "route_loopback": route[4], "fib_ifindex": fib[2],
+            "devices": [{"ifindex": ifindex, "name": dev_name, "loopback": bool(flags & FLOW_DEV_LOOPBACK),
+                         "packets": packets, "segments": segments, "bytes": nbytes}],
+            "fragments": fragments,
+            "extra": {"v4_mapped_socket": True} if flags & FLOW_V4_MAPPED_SOCKET else {},
+            "key": key,
+        }
+        append(flow)
+    return out
 
 
 COUNTS_STRUCT = struct.Struct("=QQQQ")     # the first four members of struct flow_value
+# The same four counts, stepping over the rest of the value: iter_unpack over a drained chunk.
+VALUE_COUNTS_STRUCT = struct.Struct(f"=QQQQ{VALUE_STRUCT.size - COUNTS_STRUCT.size}x")
 
 
 def flow_key_of(key: tuple) -> FlowKey:
     """Just the identity of an unpacked kernel key (KEY_STRUCT): cheaper than decode_fields for
     the common case of a flow already known."""
     netns, _ifindex, saddr, daddr, sport, dport, proto, family, _ = key
-    return FlowKey(netns, PROTOCOLS_BY_FAMILY.get(proto, str(proto)), address(family, saddr), sport,
-                   address(family, daddr), dport)
+    addresses = _ADDRESSES_V4 if family == 4 else _ADDRESSES_V6
+    return _new_key(FlowKey, (netns, _PROTOCOL_NAMES.get(proto) or str(proto),
+                              addresses.get(saddr) or _cached_address(family, saddr), sport,
+                              addresses.get(daddr) or _cached_address(family, daddr), dport))
 
 
 def device_of(flow: Flow, ifindex: int) -> dict | None:

@@ -11,28 +11,29 @@ from __future__ import annotations
 import gc
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 from . import netns
-from .events import (COUNTS_STRUCT, KEY_STRUCT, VALUE_STRUCT, Flow, LossCounters, decode_fields, devices_of,
-                     flow_key_of)
+from .events import (KEY_STRUCT, NOTICE_BYTES, VALUE_COUNTS_STRUCT, VALUE_STRUCT, Flow, LossCounters, decode_notices,
+                     decode_unpacked, devices_of, flow_key_of)
 from .flows import DEFAULT_KEEP_FLOWS, FlowTable, Verdict, classify, verdict
 from .probes import AttachPlan
 from .record import TraceWriter
+from .ringbuf import records_in
 from .tracer import Tracer
 
 RECORD_INTERVAL_S = 1.0
 GC_THRESHOLD = 50_000          # allocations between young-generation collections (CPython: 700)
 DRAIN_INTERVAL_S = 0.5
-
-
-NOTICE_BYTES = KEY_STRUCT.size + VALUE_STRUCT.size + 8     # struct new_flow_event + the ring's header
+PROCESS_BUDGET = 16384         # drained entries processed per pump before notices get a turn
+BACKLOG_MAPS = 2               # drained entries that may wait unprocessed, in full maps (15 MB each)
 
 
 def ring_notices(ring_pages: int) -> int:
     """New-flow notices the ring holds when full."""
-    return ring_pages * 4096 // ((NOTICE_BYTES + 7) // 8 * 8)
+    return records_in(ring_pages * 4096, NOTICE_BYTES)
 
 
 class OwnAddresses:
@@ -72,10 +73,17 @@ class Session:
                  addresses: Callable[[int], set[str]] = netns.addresses):
         self.plan, self.headers_path, self.recorder = plan, headers_path, recorder
         self.kernel_release = kernel_release or os.uname().release
-        # A flow's notice can be read (and the flow folded) up to three maps' worth of new flows
-        # and a full ring before the drain that reports its counts: remember that many folds.
         limits = plan.limits
-        self.table = FlowTable(keep_flows, remember_folds=3 * limits.max_flows + ring_notices(limits.ring_pages))
+        # Drained entries waiting to be processed (raw): at most this many before a kernel
+        # drain waits for them.
+        self._backlog: deque[tuple[bytes, bytes, int]] = deque()
+        self._backlog_entries = 0
+        self._backlog_limit = BACKLOG_MAPS * limits.max_flows
+        # A flow's notice can be read (and the flow folded) up to three maps' worth of new flows,
+        # a full ring and a full backlog before the entry that reports its counts is processed:
+        # remember that many folds.
+        self.table = FlowTable(keep_flows, remember_folds=(3 + BACKLOG_MAPS) * limits.max_flows
+                               + ring_notices(limits.ring_pages))
         self.table.on_fold = self._folded
         self.own = OwnAddresses(self._learned if recorder else None, addresses)
         self._tracer: Tracer | None = None
@@ -95,8 +103,8 @@ class Session:
         self.recorder.netns(inode, netns.name_of(inode), addresses)
 
     def _folded(self, flow: Flow) -> None:
-        self._dirty.pop(flow.key, None)
         if self.recorder:
+            self._dirty.pop(flow.key, None)
             self.recorder.flows([flow])           # its last counts, then it leaves the table
             self.recorder.fold(flow.key)
 
@@ -152,53 +160,93 @@ class Session:
         or one drained chunk -- never a whole drain's worth at once."""
         if not flows:
             return 0
-        for flow in flows:
-            self.own(flow.netns)
+        for inode in {flow.netns for flow in flows}:
+            self.own(inode)
         if self.on_flows:
             self.on_flows(flows)
         return len(flows)
 
     def _take_notices(self, timeout_ms: int) -> int:
-        new = [f for f in self._tracer.poll(timeout_ms) if self.table.notice(f)]
+        # Runs of raw ring records, decoded in bulk (one iter_unpack per run); a flow already
+        # known (a second device's notice, a flow folded meanwhile) is not streamed again.
+        notice, backend = self.table.notice, self.plan.backend
+        new = []
+        for records in self._tracer.poll(timeout_ms):
+            for flow in decode_notices(records, backend):
+                if notice(flow):
+                    new.append(flow)
         if self.recorder:
             for flow in new:
                 self._dirty[flow.key] = flow
         return self._stream(new)
 
-    def _take_counts(self, final: bool = False) -> int:
+    def _drain_kernel(self, final: bool = False) -> None:
+        """Take the retired map's entries out of the kernel, every chunk, raw, into the backlog.
+        The drain flips the maps as soon as the retired one is empty (tens of milliseconds for a
+        full map): the map in use gets the whole interval to fill, instead of the interval
+        minus the Python time the retired map's entries take -- in a storm that time let it
+        overflow. Raw entries are 224 bytes: a full map waits as 15 MB, not as flow records."""
         now = time.monotonic_ns()
-        table, recorder, backend = self.table, self.recorder, self.plan.backend
-        vsize = VALUE_STRUCT.size
-        streamed = 0
-        for keys, values, _count in self._tracer.drain(final=final):
-            new = []
-            for i, raw_key in enumerate(KEY_STRUCT.iter_unpack(keys)):
-                key = flow_key_of(raw_key)
-                if table.add_counts(key, raw_key[1], COUNTS_STRUCT.unpack_from(values, i * vsize), now):
-                    if recorder:
-                        self._dirty[key] = table.get(key)
-                    continue
-                part, continued = decode_fields(raw_key, VALUE_STRUCT.unpack_from(values, i * vsize), backend, key)
-                flow = table.add(part, continued, now)
-                if flow is not None:
-                    new.append(flow)
-                if recorder and (current := table.get(key)) is not None:
-                    self._dirty[key] = current
-            streamed += self._stream(new)
+        for keys, values, count in self._tracer.drain(final=final):
+            self._backlog.append((keys, values, now))
+            self._backlog_entries += count
         self._last_drain = time.monotonic()
+
+    def _process_backlog(self, budget: int | None = None) -> int:
+        """Drained entries, oldest first, into the table (new flows streamed), chunk by chunk;
+        stops after about `budget` entries (None: all). Returns the flows streamed."""
+        streamed = 0
+        while self._backlog and (budget is None or budget > 0):
+            keys, values, now = self._backlog.popleft()
+            count = len(keys) // KEY_STRUCT.size
+            self._backlog_entries -= count
+            streamed += self._process_chunk(keys, values, now)
+            if budget is not None:
+                budget -= count
         return streamed
+
+    def _process_chunk(self, keys: bytes, values: bytes, now: int) -> int:
+        table, recorder, backend = self.table, self.recorder, self.plan.backend
+        add_counts = table.add_counts
+        vsize = VALUE_STRUCT.size
+        new = []
+        for i, (raw_key, counts) in enumerate(zip(KEY_STRUCT.iter_unpack(keys), VALUE_COUNTS_STRUCT.iter_unpack(values))):
+            key = flow_key_of(raw_key)
+            if add_counts(key, raw_key[1], counts, now):
+                if recorder:
+                    self._dirty[key] = table.get(key)
+                continue
+            part, continued = decode_unpacked(raw_key + VALUE_STRUCT.unpack_from(values, i * vsize), backend, key)
+            flow = table.add(part, continued, now)
+            if flow is not None:
+                new.append(flow)
+            if recorder and (current := table.get(key)) is not None:
+                self._dirty[key] = current
+        return self._stream(new)
+
+    def _take_counts(self, final: bool = False) -> int:
+        """Drain the kernel and process every drained entry now."""
+        self._drain_kernel(final)
+        return self._process_backlog()
 
     def pump(self, timeout_ms: int) -> int:
         """Wait up to timeout_ms for new flows and hand them to on_flows; returns how many.
-        Drains the kernel's counts when due, reports loss when it grows, records once a second."""
-        new = self._take_notices(timeout_ms)
+        Drains the kernel's counts when due, reports loss when it grows, records once a second.
+        Work is bounded per call (POLL_BUDGET notices, PROCESS_BUDGET drained entries), so a
+        storm's notices, the kernel drain and the drained entries each get their turn."""
+        new = self._take_notices(0 if self._backlog else timeout_ms)   # no sleeping while work waits
         due = time.monotonic() - self._last_drain >= DRAIN_INTERVAL_S
         if due or self._tracer.created_since_drain() >= self.plan.limits.max_flows // 2:
+            if self._backlog_entries >= self._backlog_limit:
+                # More than the backlog may hold: catch up before taking more out of the kernel
+                # (the map in use may fill meanwhile: its packets are counted as lost).
+                new += self._process_backlog()
             new += self._take_notices(0)
-            new += self._take_counts()
+            self._drain_kernel()
             self._check_losses()
             if self.serve_metrics:
                 self._snapshot_metrics()
+        new += self._process_backlog(PROCESS_BUDGET)
         self._record()
         return new
 

@@ -15,7 +15,8 @@ import struct
 from dataclasses import dataclass
 
 from .errors import EnvironmentProblem
-from .events import KEY_STRUCT, VALUE_STRUCT, Flow, LossCounters, decode_fields
+from . import ringbuf
+from .events import KEY_STRUCT, NOTICE_BYTES, VALUE_STRUCT, LossCounters
 from .probes import AttachPlan
 
 BCC_MISSING = ("bcc (python3-bpfcc) is not importable from this Python: run scripts/setup, or "
@@ -28,6 +29,7 @@ _PROG_INFO_SIZE = 256
 _RUN_TIME_NS, _RUN_CNT, _RECURSION_MISSES = 192, 200, 208
 
 POLL_BUDGET = 4096
+_RING_HEADER = bytes(ringbuf.HEADER_BYTES)
 # Entries taken out of a flow map per batch call, and handed on before the next: bounds the
 # memory a drain holds (a full map of 65,536 entries decoded at once was ~200 MB).
 DRAIN_CHUNK = 4096
@@ -85,7 +87,7 @@ class Tracer:
         self.attach = attach
         self.headers_path = headers_path
         self._bpf = None
-        self._pending: list[Flow] = []
+        self._pending: list[bytes] = []     # notice records read by libbpf (not x86-64)
         self._behind = False
         self._epoch = 0
         self._created_base = [0, 0]
@@ -119,7 +121,7 @@ class Tracer:
                 raise
             raise EnvironmentProblem(f"could not load the {self.plan.backend} BPF program: {exc}") from None
         if self._table(b"new_flows") is not None:
-            self._bpf[b"new_flows"].open_ring_buffer(self._on_new_flow)
+            self._notices = self._open_notices()
         # Opened now, read (from offset 0) at every loss check: still readable after the session
         # drops root, so the missed-probe counter keeps moving (tracefs is root's).
         self._profile_fd = None
@@ -172,6 +174,9 @@ class Tracer:
             os.close(self._profile_fd)
             self._profile_fd = None
         self._close_btf()
+        if getattr(self, "_notices", None) is not None:
+            self._notices.close()            # the ring's mappings (they keep the map alive)
+            self._notices = None
         if self._bpf is not None:
             if kprobe_pmu():
                 self._release_kprobes()
@@ -224,31 +229,48 @@ class Tracer:
 
     # ---- new flows, promptly ---------------------------------------------------------------
 
+    def _open_notices(self) -> ringbuf.RingReader | None:
+        """The new-flow ring, mapped and read by routetrace.ringbuf in runs of records; where
+        that reader is not safe (see ringbuf.supported), libbpf's reader calling _on_new_flow."""
+        ring = self._bpf[b"new_flows"]
+        if ringbuf.supported():
+            return ringbuf.RingReader.open(ring.map_fd, NOTICE_BYTES)
+        ring.open_ring_buffer(self._on_new_flow)
+        return None
+
     def _on_new_flow(self, _ctx, data, size) -> int:
-        raw = ctypes.string_at(data, size)
-        flow, _continued = decode_fields(KEY_STRUCT.unpack_from(raw), VALUE_STRUCT.unpack_from(raw, KEY_STRUCT.size),
-                                         self.plan.backend)
-        self._pending.append(flow)
+        # The record as the ring holds it (a header in front: what events.decode_notices reads).
+        self._pending.append(_RING_HEADER + ctypes.string_at(data, size))
         # libbpf keeps reading while the kernel keeps writing: past the budget, a negative return
         # ends this poll (the record is consumed and kept), so the caller gets to drain the maps.
         return -1 if len(self._pending) >= POLL_BUDGET else 0
 
-    def poll(self, timeout_ms: int = 200) -> list[Flow]:
-        """Notices of new flows since the last call, at most POLL_BUDGET (no counts: those come
-        from drain())."""
+    def poll(self, timeout_ms: int = 200) -> list[bytes]:
+        """Notices of new flows since the last call, at most POLL_BUDGET, as runs of raw ring
+        records (events.decode_notices; no counts: those come from drain())."""
         if self._table(b"new_flows") is None:
             return []
+        reader = self._notices
+        if reader is None:
+            return self._poll_libbpf(timeout_ms)
         if not self._behind:
             # Stopped at the budget last time: records are waiting, and the kernel wakes a reader
             # only when it had caught up. Waiting in epoll now would sleep the whole timeout.
+            reader.wait(timeout_ms)
+        # Notices submitted without a wakeup (bpf/common.c limits them) are read here, at the
+        # latest when the wait times out.
+        chunks, count = reader.read(POLL_BUDGET)
+        self._behind = count >= POLL_BUDGET
+        return chunks
+
+    def _poll_libbpf(self, timeout_ms: int) -> list[bytes]:
+        if not self._behind:
             self._bpf.ring_buffer_poll(timeout_ms)
         if len(self._pending) < POLL_BUDGET:
-            # Notices submitted without a wakeup (bpf/common.c limits them) are read here, at
-            # the latest when the poll times out.
             self._bpf.ring_buffer_consume()
         out, self._pending = self._pending, []
         self._behind = len(out) >= POLL_BUDGET
-        return out
+        return [b"".join(out)] if out else []
 
     # ---- counts, exactly -------------------------------------------------------------------
 
