@@ -42,9 +42,6 @@ class BtfType:
     members: tuple[Member, ...] = ()
 
 
-_VMLINUX_CACHE: list["Btf"] = []
-
-
 class Btf:
     """Types of one BTF blob, indexed by id and (for structs/unions) by name."""
 
@@ -85,15 +82,10 @@ class Btf:
 
     @classmethod
     def load(cls, path: Path = VMLINUX_BTF) -> "Btf":
-        # The running kernel's is read once per process (half a second of parsing): the kernel
-        # facts and the attach plan both ask.
-        if path == VMLINUX_BTF and _VMLINUX_CACHE:
-            return _VMLINUX_CACHE[0]
+        # Not kept: parsed, the kernel's BTF holds ~35 MB of Python objects. Callers take what
+        # they need (offsets, a tracepoint's id) and let it go.
         try:
-            btf = cls(path.read_bytes())
-            if path == VMLINUX_BTF:
-                _VMLINUX_CACHE.append(btf)
-            return btf
+            return cls(path.read_bytes())
         except OSError as exc:
             raise EnvironmentProblem(f"cannot read BTF at {path}: {exc.strerror}") from exc
 

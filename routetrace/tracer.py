@@ -141,7 +141,7 @@ class Tracer:
         from .bpfsys import load_btf_tracepoint
         from .btf import Btf
         try:
-            type_id = Btf.load().tracepoint_id(a.target)
+            type_id = a.btf_id or Btf.load().tracepoint_id(a.target)
             if type_id is None:
                 raise EnvironmentProblem(f"no btf_trace_{a.target} in the kernel's BTF")
             from bcc.libbcc import lib
