@@ -162,10 +162,7 @@ def test_one_kretprobe_instance_misses_lookups_counts_them_and_gives_no_flow_ano
             rc, out, err = run.stop(signal.SIGINT, timeout=STOP_TIMEOUT)
         finally:
             run.kill()
-    assert rc == 0, err
-    objects = _json_lines(out)
-    summary = objects[-1]
-    assert summary["type"] == "summary", out[-2000:]
+    objects, summary = _stopped(rc, out, err)
     lost = summary["lost"]
     assert lost["probes_missed"] > 0, (lost, churned, profile)
     # A missed return leaves its entry behind; the next call in that frame counts it.
@@ -200,10 +197,7 @@ def test_a_transmit_in_softirq_inside_a_probed_transmit_is_counted_as_xmit_misse
             rc, out, err = run.stop(signal.SIGINT, timeout=STOP_TIMEOUT)
         finally:
             run.kill()
-    assert rc == 0, err
-    objects = _json_lines(out)
-    summary = objects[-1]
-    assert summary["type"] == "summary", out[-2000:]
+    objects, summary = _stopped(rc, out, err)
     lost = summary["lost"]
     xmit = [p for p in summary["programs"] if p["name"] == "xmit_entry"]
     print(f"xmit_missed {lost['xmit_missed']} after {load.rounds} rounds; lost {lost}; programs {summary['programs']}")
@@ -240,14 +234,21 @@ def matrix():
         for name, play in SCENARIOS.items():
             scenarios[name].outcome = play(scenarios[name].sandbox)
         rc, out, err = run.stop(signal.SIGINT, timeout=STOP_TIMEOUT)
-        assert rc == 0, err
-        objects = _json_lines(out)
-        summary = objects[-1]
-        assert summary["type"] == "summary", out[-2000:]
+        objects, summary = _stopped(rc, out, err)
         for sc in scenarios.values():
             sc.flows = [f for f in summary["flows"] if f["netns"] == sc.netns]
         yield MatrixRun(backend, err, summary, [o for o in objects if o.get("type") == "flow"], scenarios,
                         limits, doctor, dry_run)
+
+
+def _stopped(rc: int, out: str, err: str) -> tuple[list, dict]:
+    """A watch --json that was stopped: it exited 0, every line is one JSON object, the last the
+    summary. Returns (objects, summary)."""
+    assert rc == 0, err
+    objects = _json_lines(out)
+    summary = objects[-1]
+    assert summary["type"] == "summary", out[-2000:]
+    return objects, summary
 
 
 def _json_lines(out: str) -> list:
