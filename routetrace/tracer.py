@@ -105,13 +105,14 @@ class Tracer:
             # (RAW_)TRACEPOINT_PROBE functions attach themselves on load; the rest by the plan.
             for i, a in enumerate(self.plan.attachments):
                 if a.kind == "btf_tracepoint":
-                    a = self._load_btf(i, a)
-                if a.kind == "btf_tracepoint" or _attached_by_plan(a):
-                    if self.attach:
-                        self._attach(a)
-                    elif a.kind != "btf_tracepoint":
-                        self._bpf.load_func(a.fn.encode(), bcc.BPF.KPROBE if a.kind in ("kprobe", "kretprobe")
-                                            else bcc.BPF.RAW_TRACEPOINT)
+                    a = self._load_btf(i, a)           # loaded here (bcc cannot), or its fallback
+                if not _attached_by_plan(a):
+                    continue                           # bcc attached it on load
+                if self.attach:
+                    self._attach(a)
+                elif a.kind != "btf_tracepoint":       # loaded through the verifier, not attached
+                    self._bpf.load_func(a.fn.encode(), bcc.BPF.KPROBE if a.kind in ("kprobe", "kretprobe")
+                                        else bcc.BPF.RAW_TRACEPOINT)
         except Exception as exc:  # bcc raises bare Exception on compile or attach failure
             self._close_btf()
             if self._bpf is not None:
@@ -399,7 +400,7 @@ KPROBE_PMU = "/sys/bus/event_source/devices/kprobe/type"
 
 def _attached_by_plan(a) -> bool:
     """bcc attaches (RAW_)TRACEPOINT_PROBE functions (named tracepoint__*/raw_tracepoint__*) on
-    load; every other function the plan attaches itself."""
+    load; every other function (kprobes, xmit_raw, the BTF-typed ones) the plan attaches itself."""
     if a.kind in ("kprobe", "kretprobe"):
         return True
     return not a.fn.startswith(("tracepoint__", "raw_tracepoint__"))
