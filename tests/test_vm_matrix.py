@@ -205,6 +205,14 @@ def test_a_transmit_in_softirq_inside_a_probed_transmit_is_counted_as_xmit_misse
         assert lost["xmit_missed"] == 0
         pytest.xfail("before 5.12 the kernel reports no recursion misses, and a kprobe made through the kprobe "
                      "PMU keeps its nmissed out of kprobe_profile: a transmit skipped this way is counted nowhere")
+    if lost["xmit_missed"] == 0 and lost["probes_missed"] > 0:
+        # The load nested: the kprobe layer skipped route kretprobes (made through tracefs, their
+        # nmissed is read). On such a kernel (6.1 in the matrix) the nested transmit kprobe is
+        # most likely skipped there too, before any BPF recursion check, and counted only in the
+        # nmissed of a kprobe made through the kprobe PMU, which routetrace cannot read (README,
+        # Limits: an open gap, reported as an expected failure, not a pass).
+        pytest.xfail(f"nested probes skipped by the kprobe layer ({lost['probes_missed']} route answers); the "
+                     "transmit kprobe's skips, if any, are in a PMU kprobe's nmissed, which routetrace cannot read")
     assert lost["xmit_missed"] > 0, (load, lost)
     # A skipped transmit is a packet not counted: counted as lost, live and in the summary.
     assert lost["packets_lost"] >= lost["xmit_missed"]
