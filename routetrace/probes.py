@@ -235,6 +235,7 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto", limits: 
             Attachment("kprobe", xmit, "xmit_entry"),
             *fib,
         ]
+        reasons.append(facts.limits("kprobe")["xmit_missed"])
         route_flags = ["-DROUTE_DECISIONS=1"]
         if os.environ.get(PREFER_LOOKUP_ENV) == "1":
             route_flags.append("-DROUTE_PREFER_LOOKUP=1")

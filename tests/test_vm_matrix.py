@@ -201,18 +201,15 @@ def test_a_transmit_in_softirq_inside_a_probed_transmit_is_counted_as_xmit_misse
     lost = summary["lost"]
     xmit = [p for p in summary["programs"] if p["name"] == "xmit_entry"]
     print(f"xmit_missed {lost['xmit_missed']} after {load.rounds} rounds; lost {lost}; programs {summary['programs']}")
-    if xmit and xmit[0]["recursion_misses"] is None:
-        assert lost["xmit_missed"] == 0
-        pytest.xfail("before 5.12 the kernel reports no recursion misses, and a kprobe made through the kprobe "
-                     "PMU keeps its nmissed out of kprobe_profile: a transmit skipped this way is counted nowhere")
-    if lost["xmit_missed"] == 0 and lost["probes_missed"] > 0:
-        # The load nested: the kprobe layer skipped route kretprobes (made through tracefs, their
-        # nmissed is read). On such a kernel (6.1 in the matrix) the nested transmit kprobe is
-        # most likely skipped there too, before any BPF recursion check, and counted only in the
-        # nmissed of a kprobe made through the kprobe PMU, which routetrace cannot read (README,
-        # Limits: an open gap, reported as an expected failure, not a pass).
-        pytest.xfail(f"nested probes skipped by the kprobe layer ({lost['probes_missed']} route answers); the "
-                     "transmit kprobe's skips, if any, are in a PMU kprobe's nmissed, which routetrace cannot read")
+    if lost["xmit_missed"] == 0 and (not xmit or xmit[0]["recursion_misses"] is None or lost["probes_missed"] > 0):
+        # The load nested, but where routetrace cannot count it: before 5.12 the kernel reports no
+        # BPF recursion misses, and where the kprobe layer skips nested probes first (6.1: it
+        # skipped route kretprobes, whose nmissed tracefs shows) a transmit kprobe made through the
+        # kprobe PMU keeps its nmissed out of tracefs. Then the product must say so, in place of
+        # the count: doctor and --dry-run state it (KernelFacts.limits), never a silent pass.
+        statement = matrix.limits["xmit_missed"]
+        assert statement in matrix.doctor and statement in matrix.dry_run, statement
+        return
     assert lost["xmit_missed"] > 0, (load, lost)
     # A skipped transmit is a packet not counted: counted as lost, live and in the summary.
     assert lost["packets_lost"] >= lost["xmit_missed"]
