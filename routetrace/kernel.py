@@ -160,9 +160,9 @@ def _btf_tracepoints(tracepoint: str = "net_dev_queue") -> bool:
     if os.geteuid() != 0 or not VMLINUX_BTF.exists():
         return False
     from .bpfsys import btf_tracepoint_loads
-    from .btf import Btf
+    from .btf import tracepoint_type_id
     try:
-        type_id = Btf.load().tracepoint_id(tracepoint)
+        type_id = tracepoint_type_id(tracepoint)
     except EnvironmentProblem:
         return False
     return type_id is not None and btf_tracepoint_loads(type_id)

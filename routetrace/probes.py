@@ -2,7 +2,6 @@
 is loaded, so it can be printed (`doctor`, `--dry-run`) and explained."""
 from __future__ import annotations
 
-import dataclasses
 import importlib.resources
 import ipaddress
 import os
@@ -100,8 +99,6 @@ class Attachment:
     maxactive: int = 0
     # Compiled in the same unit and attached instead if the kernel refuses this one (tracer.py)
     fallback: "Attachment | None" = None
-    # btf_tracepoint: the id of the tracepoint's btf_trace_* typedef in the kernel's BTF (0: look it up)
-    btf_id: int = 0
 
     def __str__(self) -> str:
         return f"{self.kind} {self.target}"
@@ -245,12 +242,7 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto", limits: 
                           attachments, offsets, filters, reasons, [*route_flags, *fib_flags], limits)
     xmit, xmit_flags = XMIT_TRACEPOINT, ["-DRAW_XMIT=1"]
     if facts.btf_tracepoints and os.environ.get(XMIT_HOOK_ENV) != "raw":
-        # Resolved now, from the BTF already parsed for the offsets (parsing it costs ~0.5 s).
-        try:
-            type_id = (btf or Btf.load()).tracepoint_id(XMIT_BTF_TRACEPOINT.target)
-        except EnvironmentProblem:
-            type_id = None               # looked up again at load, where a failure falls back
-        xmit = dataclasses.replace(XMIT_BTF_TRACEPOINT, btf_id=type_id or 0)
+        xmit = XMIT_BTF_TRACEPOINT
         xmit_flags.append("-DXMIT_BTF=1")
         reasons.append("net_dev_queue as a BTF-typed tracepoint: the skb, its device and namespace by plain loads")
     elif os.environ.get(XMIT_HOOK_ENV) == "raw":

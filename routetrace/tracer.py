@@ -140,9 +140,9 @@ class Tracer:
         this kind). If the kernel refuses it, the plan's fallback -- the same code on the raw
         tracepoint, compiled in the same unit -- takes its place, and the plan says why."""
         from .bpfsys import load_btf_tracepoint
-        from .btf import Btf
+        from .btf import tracepoint_type_id
         try:
-            type_id = a.btf_id or Btf.load().tracepoint_id(a.target)
+            type_id = tracepoint_type_id(a.target)
             if type_id is None:
                 raise EnvironmentProblem(f"no btf_trace_{a.target} in the kernel's BTF")
             from bcc.libbcc import lib

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from routetrace import offsets
-from routetrace.btf import Btf, KIND_INT, KIND_PTR, KIND_STRUCT, KIND_TYPEDEF, KIND_UNION, VMLINUX_BTF
+from routetrace.btf import (Btf, KIND_INT, KIND_PTR, KIND_STRUCT, KIND_TYPEDEF, KIND_UNION, VMLINUX_BTF,
+                            tracepoint_type_id)
 from routetrace.errors import EnvironmentProblem
 
 
@@ -91,6 +92,26 @@ def test_garbage_is_not_btf():
         Btf(b"\0" * 64)
     with pytest.raises(EnvironmentProblem, match="truncated"):
         Btf(b"\x9f\xeb")
+
+
+def test_a_tracepoint_typedef_is_found_without_parsing_every_type(tmp_path):
+    b = BtfBuilder()
+    u32 = b.int("u32", 4)
+    b.composite(KIND_STRUCT, "sk_buff", 8, [("len", u32, 0), ("dev", b.ptr(u32), 32)])
+    b.typedef("not_btf_trace_net_dev_queue", u32)           # the name inside another: not it
+    want = b.typedef("btf_trace_net_dev_queue", b.ptr(u32))
+    blob = tmp_path / "vmlinux"
+    blob.write_bytes(b.blob())
+    assert tracepoint_type_id("net_dev_queue", blob) == want == Btf(b.blob()).by_name["typedef btf_trace_net_dev_queue"]
+    assert tracepoint_type_id("fib_table_lookup", blob) is None
+    blob.write_bytes(b"\0" * 64)
+    with pytest.raises(EnvironmentProblem, match="bad magic"):
+        tracepoint_type_id("net_dev_queue", blob)
+
+
+@pytest.mark.skipif(not VMLINUX_BTF.exists(), reason="this kernel exposes no BTF")
+def test_the_running_kernels_tracepoint_typedef_is_the_one_the_full_parse_finds():
+    assert tracepoint_type_id("net_dev_queue") == Btf.load().by_name["typedef btf_trace_net_dev_queue"] > 0
 
 
 @pytest.mark.skipif(not VMLINUX_BTF.exists(), reason="this kernel exposes no BTF")

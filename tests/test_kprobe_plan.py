@@ -61,10 +61,7 @@ def test_auto_falls_back_to_tracepoints_and_says_why():
 def test_the_transmit_program_takes_the_btf_typed_tracepoint_where_the_kernel_loads_one(monkeypatch):
     monkeypatch.delenv(probes.XMIT_HOOK_ENV, raising=False)
     typed = probes.choose(facts(kprobes=False, btf_tracepoints=True), probes.Filters())
-    assert dataclasses.replace(typed.attachments[-1], btf_id=0) == probes.XMIT_BTF_TRACEPOINT
-    if Path("/sys/kernel/btf/vmlinux").exists():     # resolved from the BTF the offsets came from
-        from routetrace.btf import Btf
-        assert typed.attachments[-1].btf_id == Btf.load().tracepoint_id("net_dev_queue") > 0
+    assert typed.attachments[-1] == probes.XMIT_BTF_TRACEPOINT
     assert typed.attachments[-1].fallback == probes.XMIT_TRACEPOINT
     assert "-DXMIT_BTF=1" in typed.cflags and "-DRAW_XMIT=1" in typed.cflags
     assert any("BTF-typed tracepoint" in r for r in typed.reasons)

@@ -73,7 +73,7 @@ def test_the_typed_and_the_raw_hook_count_the_same_packets_the_same_way(sandbox,
     filters = probes.Filters(netns=netns.inode_of(sandbox.host))
     typed_plan = _plan(facts, filters, "btf", monkeypatch)
     raw_plan = _plan(facts, filters, "raw", monkeypatch)
-    assert typed_plan.attachments[-1].kind == "btf_tracepoint" and typed_plan.attachments[-1].btf_id > 0
+    assert typed_plan.attachments[-1] == probes.XMIT_BTF_TRACEPOINT
     with Tracer(typed_plan, headers) as typed, Tracer(raw_plan, headers) as raw:
         assert typed.plan.attachments[-1].kind == "btf_tracepoint", typed.plan.reasons
         assert raw.plan.attachments[-1].kind == "raw_tracepoint"
