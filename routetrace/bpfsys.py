@@ -1,4 +1,6 @@
-"""The bpf(2) calls bcc does not make: loading and attaching a BTF-typed tracepoint program (tp_btf).
+"""The bpf(2) calls routetrace makes itself: loading and attaching a BTF-typed tracepoint program
+(tp_btf), which bcc does not do, and reading an object's info (a program's run statistics, a
+map's type and size).
 
 bcc compiles the program (and relocates its maps) but loads tracing programs only for the
 attach types its function-name prefixes imply (fentry, fexit, LSM), never BPF_TRACE_RAW_TP. So
@@ -18,6 +20,7 @@ from .errors import EnvironmentProblem
 
 SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
 BPF_PROG_LOAD = 5
+BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_RAW_TP = 23
@@ -27,16 +30,31 @@ BPF_TRACE_RAW_TP = 23
 # func_info_cnt, line_info_rec_size, line_info, line_info_cnt, attach_btf_id, attach_prog_fd
 _PROG_LOAD = struct.Struct("=IIQQIIQII16sIIIIQIIQIII")
 _RAW_TP_OPEN = struct.Struct("=QII")         # name, prog_fd, pad
+_OBJ_INFO = struct.Struct("=IIQ")            # bpf_fd, info_len, info
 LOG_SIZE = 1 << 20
 # r0 = 0; exit: what `btf_tracepoint_loads` asks the kernel to accept.
 _RETURN_ZERO = bytes.fromhex("b700000000000000" "9500000000000000")
 
 
-def _sys_bpf(cmd: int, attr: bytes) -> tuple[int, int]:
+def _sys_bpf(cmd: int, attr: bytes) -> tuple[int, int, bytes]:
+    """bpf(cmd, attr): its return value, errno, and the attr as the kernel left it."""
     libc = ctypes.CDLL(None, use_errno=True)
     buf = ctypes.create_string_buffer(attr, len(attr))
     ret = libc.syscall(SYS_BPF, cmd, buf, len(attr))
-    return ret, ctypes.get_errno()
+    return ret, ctypes.get_errno(), buf.raw
+
+
+def obj_info(fd: int, size: int) -> bytes | None:
+    """A BPF object's info (struct bpf_prog_info, bpf_map_info): as many of the first `size`
+    bytes as this kernel knows (an older kernel's struct is shorter); None when the kernel
+    refuses, or bpf(2) is unknown here."""
+    if SYS_BPF is None:
+        return None
+    info = ctypes.create_string_buffer(size)
+    ret, _err, attr = _sys_bpf(BPF_OBJ_GET_INFO_BY_FD, _OBJ_INFO.pack(fd, size, ctypes.addressof(info)))
+    if ret != 0:
+        return None
+    return info.raw[:_OBJ_INFO.unpack(attr)[1]]
 
 
 def load_btf_tracepoint(insns: bytes, name: str, btf_id: int, license: bytes = b"GPL",
@@ -52,7 +70,7 @@ def load_btf_tracepoint(insns: bytes, name: str, btf_id: int, license: bytes = b
                            1 if with_log else 0, LOG_SIZE if with_log else 0,
                            ctypes.addressof(log) if with_log else 0, 0, 0,
                            name.encode()[:15], 0, BPF_TRACE_RAW_TP, 0, 0, 0, 0, 0, 0, 0, btf_id, 0)
-    fd, err = _sys_bpf(BPF_PROG_LOAD, attr)
+    fd, err, _ = _sys_bpf(BPF_PROG_LOAD, attr)
     if fd < 0:
         tail = " / ".join(line for line in log.value.decode(errors="replace").splitlines()[-3:] if line)
         raise EnvironmentProblem(f"the kernel refused {name} as a BTF-typed tracepoint program: "
@@ -63,7 +81,7 @@ def load_btf_tracepoint(insns: bytes, name: str, btf_id: int, license: bytes = b
 def attach_btf_tracepoint(prog_fd: int) -> int:
     """Attach a loaded BTF-typed tracepoint program; the returned fd is the attachment (close it
     to detach)."""
-    fd, err = _sys_bpf(BPF_RAW_TRACEPOINT_OPEN, _RAW_TP_OPEN.pack(0, prog_fd, 0))
+    fd, err, _ = _sys_bpf(BPF_RAW_TRACEPOINT_OPEN, _RAW_TP_OPEN.pack(0, prog_fd, 0))
     if fd < 0:
         raise EnvironmentProblem(f"could not attach a BTF-typed tracepoint program: {os.strerror(err)}")
     return fd

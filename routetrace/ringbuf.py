@@ -27,7 +27,6 @@ No bcc here (only tracer.py imports bcc): the tracer hands over the map's file d
 """
 from __future__ import annotations
 
-import ctypes
 import mmap
 import platform
 import select
@@ -40,11 +39,8 @@ DISCARD_BIT = 1 << 30
 HEADER_BYTES = 8
 BPF_MAP_TYPE_RINGBUF = 27
 
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
-_BPF_OBJ_GET_INFO_BY_FD = 15
 # struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags (u32 each), ...
 _MAP_INFO = struct.Struct("=IIIIII")
-_MAP_INFO_SIZE = 80
 
 
 def supported() -> bool:
@@ -63,20 +59,13 @@ def records_in(data_bytes: int, sample_bytes: int) -> int:
     return data_bytes // record_stride(sample_bytes)
 
 
-class _InfoAttr(ctypes.Structure):
-    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
-
-
 def map_info(fd: int) -> tuple[int, int]:
     """(map type, max_entries) of a BPF map, from bpf(BPF_OBJ_GET_INFO_BY_FD)."""
-    if _SYS_BPF is None:
-        raise EnvironmentProblem(f"no bpf(2) syscall number known for {platform.machine()}")
-    buf = ctypes.create_string_buffer(_MAP_INFO_SIZE)
-    attr = _InfoAttr(fd, _MAP_INFO_SIZE, ctypes.addressof(buf))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(_SYS_BPF, _BPF_OBJ_GET_INFO_BY_FD, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
-        raise EnvironmentProblem(f"cannot read the ring buffer map's info: errno {ctypes.get_errno()}")
-    map_type, _id, _key, _value, max_entries, _flags = _MAP_INFO.unpack_from(buf.raw)
+    from .bpfsys import obj_info
+    info = obj_info(fd, _MAP_INFO.size)
+    if info is None or len(info) < _MAP_INFO.size:
+        raise EnvironmentProblem(f"cannot read the ring buffer map's info (fd {fd})")
+    map_type, _id, _key, _value, max_entries, _flags = _MAP_INFO.unpack_from(info)
     return map_type, max_entries
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import struct
 from dataclasses import dataclass
 
@@ -22,9 +21,7 @@ from .probes import AttachPlan
 BCC_MISSING = ("bcc (python3-bpfcc) is not importable from this Python: run scripts/setup, or "
                "apt install python3-bpfcc and use a venv made with /usr/bin/python3 --system-site-packages")
 
-# bpf(2): BPF_OBJ_GET_INFO_BY_FD and the stable (append-only) layout of struct bpf_prog_info.
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
-_BPF_OBJ_GET_INFO_BY_FD = 15
+# The stable (append-only) layout of struct bpf_prog_info: where run time, runs and recursion misses sit.
 _PROG_INFO_SIZE = 256
 _RUN_TIME_NS, _RUN_CNT, _RECURSION_MISSES = 192, 200, 208
 
@@ -59,21 +56,14 @@ class ProgramStats:
         return self.run_time_ns / self.run_cnt if self.run_cnt else None
 
 
-class _InfoAttr(ctypes.Structure):
-    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
-
-
 def program_info(fd: int) -> tuple[int, int, int | None]:
-    if _SYS_BPF is None:
+    """(run time ns, runs, recursion misses or None before 5.12) of a loaded program."""
+    from .bpfsys import obj_info
+    info = obj_info(fd, _PROG_INFO_SIZE)
+    if info is None or len(info) < _RUN_CNT + 8:
         return 0, 0, None
-    buf = ctypes.create_string_buffer(_PROG_INFO_SIZE)
-    attr = _InfoAttr(fd, _PROG_INFO_SIZE, ctypes.addressof(buf))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(_SYS_BPF, _BPF_OBJ_GET_INFO_BY_FD, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
-        return 0, 0, None
-    raw = buf.raw
-    run_time, run_cnt = struct.unpack_from("=QQ", raw, _RUN_TIME_NS)
-    misses = struct.unpack_from("=Q", raw, _RECURSION_MISSES)[0] if attr.info_len >= _RECURSION_MISSES + 8 else None
+    run_time, run_cnt = struct.unpack_from("=QQ", info, _RUN_TIME_NS)
+    misses = struct.unpack_from("=Q", info, _RECURSION_MISSES)[0] if len(info) >= _RECURSION_MISSES + 8 else None
     return run_time, run_cnt, misses
 
 
