@@ -209,12 +209,14 @@ METRICS: list[Metric] = [
     Metric("conn", "per_s", "connection rate", "conn/s", False),
 ]
 MODES = tuple(loadgen.MODES)
-CONDITIONS = ("untraced", "traced", "floor-raw", "floor-tp")   # where the transmit program is on the raw hook
 
 
 def conditions_for(xmit_kind: str) -> tuple[str, ...]:
     """The conditions of a --trace run: the first floor sits on the transmit program's own hook."""
     return ("untraced", "traced", "floor-btf" if xmit_kind == "btf_tracepoint" else "floor-raw", "floor-tp")
+
+
+CONDITIONS = conditions_for("raw_tracepoint")   # where the transmit program is on the raw hook
 # The observer-effect goals (a benchmark output, not an assertion): the largest acceptable
 # cost on one metric each, as a fraction.
 GOALS = {("tcp-rr", "p50"): 0.02, ("conn", "per_s"): 0.05, ("tcp-bulk", "mb_per_s"): 0.01}
@@ -719,8 +721,7 @@ def experiment(prepare, *, sandbox: bool, own: list[str] | None = None, family: 
             obs.programs["traced"], obs.session, obs.pumper = session, session, Pumper(session)
             conditions = ("untraced", "traced")
             if floor:
-                conditions = conditions_for(session.plan.attachments[-1].kind if session.plan.backend == "tracepoint"
-                                            else "raw_tracepoint")
+                conditions = conditions_for(session.plan.xmit.kind)
                 for cond in conditions[2:]:
                     hook = cond.removeprefix("floor-")
                     tracer = stack.enter_context(Tracer(floor_plan(hook), headers))

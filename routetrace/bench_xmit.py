@@ -29,8 +29,6 @@ from .probes import XMIT_HOOK_ENV, Filters, choose
 from .tracer import Tracer
 
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
-# The transmit program of each plan: what its net_dev_queue attachment runs.
-XMIT_FNS = ("xmit_btf", "xmit_raw", "raw_tracepoint__net_dev_queue", "floor_btf")
 
 LOAD_KNOWN = r"""
 import socket, sys, time
@@ -54,10 +52,12 @@ while time.monotonic() < end:
 
 
 def xmit_stats(tracer: Tracer) -> tuple[int, int]:
+    """Time and runs of the program on net_dev_queue: the plan's transmit program, or the floor."""
+    fn = (tracer.plan.xmit or tracer.plan.attachments[-1]).fn
     for p in tracer.program_stats():
-        if p.name in XMIT_FNS:
+        if p.name == fn:
             return p.run_time_ns, p.run_cnt
-    raise SystemExit(f"no transmit program ({', '.join(XMIT_FNS)}) in the plan")
+    raise SystemExit(f"no {fn} in the plan")
 
 
 def run(against: Path | None, rounds: int, slice_s: float, mode: str) -> list[dict]:
@@ -79,17 +79,19 @@ def run(against: Path | None, rounds: int, slice_s: float, mode: str) -> list[di
         if against is not None:
             # Checkouts before the BTF-typed hook named the raw one for bcc's auto-attach.
             named = "xmit_raw" if "xmit_raw" in (against / "tracepoint.c").read_text() else "raw_tracepoint__net_dev_queue"
-            old_xmit = dataclasses.replace(raw_plan.attachments[-1], fn=named)
+            old_xmit = dataclasses.replace(raw_plan.xmit, fn=named)
             plans["against"] = dataclasses.replace(raw_plan, sources=[against / p.name for p in plan.sources],
                                                    attachments=[*raw_plan.attachments[:-1], old_xmit])
         plans["routetrace"] = plan
-        if plan.attachments[-1] != raw_plan.attachments[-1]:
+        if plan.xmit != raw_plan.xmit:
             plans["routetrace-raw"] = raw_plan
         tracers: dict[str, Tracer] = {}
         try:
             for name, p in plans.items():
                 tracers[name] = Tracer(p, headers).__enter__()
                 tracers[name].set_attached(False)
+            # The hook each transmit program really took (a refused typed program falls back).
+            hooks = {n: t.plan.xmit.kind for n, t in tracers.items() if t.plan.xmit}
             totals = {n: [0, 0] for n in tracers}
             per_round: dict[str, list] = {n: [] for n in tracers}
             order = list(tracers)
@@ -128,7 +130,7 @@ def run(against: Path | None, rounds: int, slice_s: float, mode: str) -> list[di
     floors = {n: totals[n][0] / totals[n][1] for n in ("floor", "floor-btf") if n in totals and totals[n][1]}
 
     def floor_of(name: str) -> float:
-        btf = name == "floor-btf" or (name == "routetrace" and "floor-btf" in floors)
+        btf = name == "floor-btf" or (name == "routetrace" and hooks["routetrace"] == "btf_tracepoint")
         return floors["floor-btf" if btf else "floor"]
     return [{"program": n, "runs": c, "ns_per_run": ns / c if c else None,
              "x_floor": ns / c / floor_of(n) if c else None, "per_round": per_round[n]}

@@ -121,6 +121,11 @@ class AttachPlan:
         return ["-w", *offset_cflags(self.offsets), *self.filters.cflags(), *self.limits.cflags(),
                 *self.extra_cflags]
 
+    @property
+    def xmit(self) -> Attachment | None:
+        """The transmit program's attachment (xmit_*), as loaded: after a fallback, the fallback."""
+        return next((a for a in self.attachments if a.fn.startswith("xmit_")), None)
+
     def describe(self) -> dict:
         return {"backend": self.backend, "attachments": [str(a) for a in self.attachments],
                 "offsets_from": self.offsets[0].source if self.offsets else None,
