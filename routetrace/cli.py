@@ -369,7 +369,9 @@ def export(trace_file, fmt, output, force):
 @cli.command()
 @click.option("--json", "as_json", is_flag=True,
               help="Print the kernel facts as one JSON object (with the plan each backend gets, or why not).")
-def doctor(as_json):
+@backend_option(help="The plan to show (and what it cannot see here): the one watch would take with this "
+                     "--backend.")
+def doctor(as_json, backend):
     """What this machine offers for tracing, and the attach plan routetrace would use."""
     if os.geteuid() == 0:
         # As a trace would: `ip netns exec` remounts /sys without tracefs.
@@ -382,11 +384,11 @@ def doctor(as_json):
         import json
         data = facts.to_dict()
         data["plans"] = {}
-        for backend in probes.BACKENDS:
+        for name in probes.BACKENDS:
             try:
-                data["plans"][backend] = probes.choose(facts, probes.Filters(), backend).describe()
+                data["plans"][name] = probes.choose(facts, probes.Filters(), name).describe()
             except RoutetraceError as exc:
-                data["plans"][backend] = {"error": str(exc)}
+                data["plans"][name] = {"error": str(exc)}
         click.echo(json.dumps(data, sort_keys=True))
         return
     hdr = facts.headers
@@ -414,7 +416,7 @@ def doctor(as_json):
     if not facts.bcc_version:
         problems.append("install bcc: scripts/setup (or apt install python3-bpfcc)")
     try:
-        plan = probes.choose(facts, probes.Filters())
+        plan = probes.choose(facts, probes.Filters(), backend)
     except RoutetraceError as exc:
         problems.append(str(exc))
     else:

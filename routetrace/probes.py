@@ -254,5 +254,6 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto", limits: 
         reasons.append(f"{XMIT_HOOK_ENV}=raw: net_dev_queue as a raw tracepoint")
     else:
         reasons.append("net_dev_queue as a raw tracepoint (this kernel or process cannot load BTF-typed ones)")
+    reasons.append(facts.limits("tracepoint")["xmit_missed"])
     return AttachPlan("tracepoint", [BPF_DIR / "common.c", BPF_DIR / "fib.c", BPF_DIR / "tracepoint.c"],
                       [*fib, xmit], offsets, filters, reasons, [*xmit_flags, *fib_flags], limits)

@@ -161,3 +161,21 @@ def test_help_is_written_for_users():
     assert "-4, --ipv4" in texts["routetrace watch"] and "-6, --ipv6" in texts["routetrace watch"]
     assert "-j, --json" in texts["routetrace watch"] and "-j, --json" in texts["routetrace prove"]
     assert "--metrics [ADDR:]PORT" in texts["routetrace watch"]
+
+
+def test_doctor_shows_the_plan_of_the_backend_asked_for_and_what_it_cannot_see(monkeypatch):
+    """doctor --backend (or ROUTETRACE_BACKEND, as watch reads it) shows that plan and its blind
+    spots: the VM matrix compares them with what each cell's plan says."""
+    import json
+    from pathlib import Path
+    from click.testing import CliRunner
+    from routetrace.kernel import KernelFacts
+    fixture = Path(__file__).parent / "fixtures" / "kernel-facts" / "6.12.117+deb12-amd64.json"
+    facts = KernelFacts.from_dict(json.loads(fixture.read_text()))
+    monkeypatch.setattr(kernel, "gather", lambda **kw: facts)
+    monkeypatch.setattr(kernel, "mount_tracefs", lambda: None)
+    for backend in ("tracepoint", "kprobe"):
+        result = CliRunner().invoke(cli.cli, ["doctor"], env={"ROUTETRACE_BACKEND": backend})
+        assert f"cannot see: {facts.limits(backend)['xmit_missed']}" in result.output, result.output
+    result = CliRunner().invoke(cli.cli, ["doctor", "--backend", "tracepoint"])
+    assert facts.limits("kprobe")["xmit_missed"] not in result.output

@@ -174,3 +174,16 @@ def test_the_kprobe_plan_probes_both_route_functions_where_the_kernel_has_them(p
     assert probes.ROUTE_FLOW_FUNCTION in facts.symbols
     for fn in ("ip_route_output_key_hash", probes.ROUTE_FLOW_FUNCTION):
         assert {("kprobe", fn), ("kretprobe", fn)} <= targets, (facts.release, sorted(targets))
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
+def test_the_tracepoint_plan_states_the_hits_no_kernel_counts(path):
+    """A net_dev_queue hit the kernel does not hand to the BPF programs counts no recursion miss
+    on any kernel (measured on 6.18: tests/test_program_runs_bpf.py, README Limits): the
+    tracepoint plan says so where the count would go, in doctor and --dry-run."""
+    facts = _load(path)
+    statement = facts.limits("tracepoint")["xmit_missed"]
+    assert "neither accounted nor counted lost" in statement
+    assert statement in probes.choose(facts, probes.Filters(), "tracepoint").render()
+    if facts.kprobes:
+        assert facts.limits("kprobe")["xmit_missed"] != statement
