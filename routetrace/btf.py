@@ -155,6 +155,32 @@ def tracepoint_type_id(name: str, path: Path = VMLINUX_BTF) -> int | None:
     return None
 
 
+def struct_has_member(struct_name: str, member: str, path: Path = VMLINUX_BTF) -> bool:
+    """Whether the kernel's BTF has a struct of that name with a member of that name, by walking
+    the type records (as tracepoint_type_id): a few milliseconds, no full parse."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot read BTF at {path}: {exc.strerror}") from exc
+    pos, end, strings = _sections(data)
+    offsets = {}
+    for name in (struct_name, member):
+        at = strings.find(b"\0" + name.encode() + b"\0")
+        if at < 0:
+            return False
+        offsets[name] = at + 1
+    header, member_name = struct.Struct("<III").unpack_from, struct.Struct("<I").unpack_from
+    while pos < end:
+        rec_name, info, _ = header(data, pos)
+        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+        if kind == KIND_STRUCT and rec_name == offsets[struct_name]:
+            first = pos + 12
+            if any(member_name(data, first + 12 * i)[0] == offsets[member] for i in range(vlen)):
+                return True
+        pos += 12 + _FIXED_EXTRA.get(kind, 0) + _PER_MEMBER_EXTRA.get(kind, 0) * vlen
+    return False
+
+
 def _cstr(strings: bytes, off: int) -> str:
     end = strings.find(b"\0", off)
     return strings[off:end if end >= 0 else None].decode("ascii", "replace")

@@ -219,6 +219,8 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto", limits: 
         fib_flags.append("-DHAVE_FIB6=1")
     else:
         reasons.append(facts.limits(backend)["fib_dev/ipv6"])
+    if facts.bpf_skips_pid1:
+        reasons.append(facts.limits("kprobe" if use_kprobes else "tracepoint")["pid1"])
     limits = limits or Limits()
     if use_kprobes:
         xmit = facts.xmit_function
@@ -254,6 +256,5 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto", limits: 
         reasons.append(f"{XMIT_HOOK_ENV}=raw: net_dev_queue as a raw tracepoint")
     else:
         reasons.append("net_dev_queue as a raw tracepoint (this kernel or process cannot load BTF-typed ones)")
-    reasons.append(facts.limits("tracepoint")["xmit_missed"])
     return AttachPlan("tracepoint", [BPF_DIR / "common.c", BPF_DIR / "fib.c", BPF_DIR / "tracepoint.c"],
                       [*fib, xmit], offsets, filters, reasons, [*xmit_flags, *fib_flags], limits)

@@ -2,6 +2,7 @@
 kept in tests/fixtures/kernel-facts/<release>.json. Without root: every backend's plan, chosen
 from each kernel's facts, attaches only to what that kernel has, or is refused with a reason."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -177,13 +178,35 @@ def test_the_kprobe_plan_probes_both_route_functions_where_the_kernel_has_them(p
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
-def test_the_tracepoint_plan_states_the_hits_no_kernel_counts(path):
-    """A net_dev_queue hit the kernel does not hand to the BPF programs counts no recursion miss
-    on any kernel (measured on 6.18: tests/test_program_runs_bpf.py, README Limits): the
-    tracepoint plan says so where the count would go, in doctor and --dry-run."""
+def test_a_kernel_that_skips_bpf_for_pid1_says_so_in_both_plans(path):
+    """The 6.18 sandbox kernel returns from bpf_trace_run*() before the program, counting nothing,
+    while PID 1 is the current task (README, Limits). Its mark is a bpf_prog_aux member no upstream
+    kernel has; where the BTF has it, both plans state what they cannot see, and only there."""
     facts = _load(path)
-    statement = facts.limits("tracepoint")["xmit_missed"]
-    assert "neither accounted nor counted lost" in statement
-    assert statement in probes.choose(facts, probes.Filters(), "tracepoint").render()
-    if facts.kprobes:
-        assert facts.limits("kprobe")["xmit_missed"] != statement
+    assert facts.bpf_skips_pid1 == (path.stem == "6.18.44-fc-v669")
+    for backend in ("tracepoint", "kprobe"):
+        statement = facts.limits(backend).get("pid1")
+        assert (statement is not None) == facts.bpf_skips_pid1
+        if statement is None or (backend == "kprobe" and not facts.kprobes):
+            continue
+        assert "neither accounted nor counted lost" in statement
+        assert statement in probes.choose(facts, probes.Filters(), backend).render()
+
+
+def test_the_pid1_mark_is_read_from_the_btf_struct_itself(tmp_path):
+    """struct_has_member walks the type records: the member must belong to that struct, not just
+    be a string somewhere in the BTF."""
+    from routetrace import btf
+    if not btf.VMLINUX_BTF.exists():
+        if os.environ.get("CI"):
+            pytest.fail("no kernel BTF at /sys/kernel/btf/vmlinux")
+        pytest.skip("no kernel BTF here")
+    full = btf.Btf.load()
+    for struct_name, member in (("bpf_prog_aux", "init_owned"), ("bpf_prog_aux", "load_time"),
+                                ("task_struct", "init_owned"), ("task_struct", "tgid")):
+        expected = True
+        try:
+            full.offsetof(f"{struct_name}.{member}")
+        except Exception:
+            expected = False
+        assert btf.struct_has_member(struct_name, member) == expected, (struct_name, member)

@@ -1,14 +1,13 @@
 """Every run of the transmit program is accounted or counted as lost -- under the load where the
 kernel itself does not run it for every packet.
 
-An ICMP echo flood that RPS steers into the softirq of a CPU that is itself sending: on 6.18 here,
-1-3% of the net_dev_queue hits in that softirq reach the tracepoint's own trace event and the
-devices' counters, but no BPF program on the tracepoint (raw, BTF-typed or regular; a bare
-one-increment program too), and the kernel counts no recursion miss (README, Limits: matched skb
-by skb against the trace event, per CPU). routetrace cannot count what it is never handed, and
-says so (KernelFacts.limits, doctor, --dry-run); what it is handed it must account. The kernel's
-own count of the transmit program's runs (run_cnt, kernel.bpf_stats_enabled=1), read once the
-traffic is over and again in the summary, brackets what the summary explains.
+An ICMP echo flood that RPS steers into the softirq of a CPU that is itself sending. On the 6.18
+sandbox kernel here, the softirq work that lands on PID 1's time is not handed to any BPF program
+(a patch: tests/test_pid1_skips_bpf.py, README Limits), and the kernel counts nothing for it.
+routetrace cannot count what it is never handed, and says so (KernelFacts.limits, doctor,
+--dry-run); what it is handed it must account. The kernel's own count of the transmit program's
+runs (run_cnt, kernel.bpf_stats_enabled=1), read once the traffic is over and again in the
+summary, brackets what the summary explains.
 """
 import os
 import signal

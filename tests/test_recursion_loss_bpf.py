@@ -60,16 +60,18 @@ class NestedLoad:
 
 
 def nest_on_one_cpu(sandbox, run, until: str, round_flows: int = ROUND_FLOWS, max_rounds: int = MAX_ROUNDS,
-                    timeout: float = 300, echo: bool = False) -> NestedLoad:
+                    timeout: float = 300, echo: bool = False, flood_size: int = 1) -> NestedLoad:
     """Datagrams from the host namespace on one CPU while a flood from the peer, sent on the other
     CPU, is steered by RPS into the first CPU's softirq; in rounds, until the stream of `run` (a
     watch --json) shows the loss counter `until` move, at most max_rounds. The flood is datagrams
-    to closed ports, or with echo=True ICMP echo requests, each answered from that softirq."""
+    to closed ports, or with echo=True ICMP echo requests, each answered from that softirq, of
+    flood_size bytes of payload."""
     sender_cpu, flood_cpu = two_cpus()
     subprocess.run(["ip", "netns", "exec", sandbox.host, "sh", "-c",
                     f"echo {1 << sender_cpu:x} > /sys/class/net/eth0/queues/rx-0/rps_cpus"], check=True)
     flood = subprocess.Popen(["ip", "netns", "exec", sandbox.peer, sys.executable, "-m", "routetrace.storm",
                               sandbox.own_addr, "1000", *(["--echo"] if echo else []), "--cpu", str(flood_cpu),
+                              "--size", str(flood_size),
                               "--until-stopped"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
