@@ -317,6 +317,9 @@ class LossCounters:
     # kprobe plan: route lookups whose entry and return could not be paired (a return with no entry
     # in its frame, or an entry whose return never came): their answers are dropped, not guessed
     route_unpaired: int = 0
+    # What this kernel loses with no counter to show it (the plan's KernelFacts.uncountable
+    # statements): "lost: nothing" is said together with them, never instead of them.
+    uncountable: tuple[str, ...] = ()
 
     @property
     def packets_lost(self) -> int:
@@ -328,9 +331,16 @@ class LossCounters:
         return self.packets_lost + self.events_dropped + self.probes_missed + self.fib_missed + self.route_unpaired
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "packets_lost": self.packets_lost, "total": self.total}
+        out = {**asdict(self), "packets_lost": self.packets_lost, "total": self.total}
+        if not self.uncountable:
+            del out["uncountable"]        # only where a kernel has something uncountable to say
+        else:
+            out["uncountable"] = list(self.uncountable)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "LossCounters":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        values["uncountable"] = tuple(values.get("uncountable") or ())
+        return cls(**values)

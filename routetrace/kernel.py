@@ -97,6 +97,12 @@ class KernelFacts:
                                    "IPv6 flows have no FIB column")
         return out
 
+    def uncountable(self, backend: str) -> list[str]:
+        """The limits() statements about packets a plan loses with no counter to show it: carried in
+        the loss counters, so every summary, loss line and recording says what "nothing" cannot cover."""
+        limits = self.limits(backend)
+        return [limits[k] for k in ("xmit_missed", "pid1") if k in limits]
+
     def to_dict(self) -> dict:
         """One JSON object (doctor --json); from_dict() reads it back."""
         hdr = self.headers

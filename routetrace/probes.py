@@ -114,6 +114,8 @@ class AttachPlan:
     reasons: list[str] = field(default_factory=list)
     extra_cflags: list[str] = field(default_factory=list)
     limits: Limits = field(default_factory=Limits)
+    # what this plan loses on this kernel without any counter (KernelFacts.uncountable)
+    uncountable: list[str] = field(default_factory=list)
 
     @property
     def cflags(self) -> list[str]:
@@ -246,7 +248,8 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto", limits: 
             reasons.append(f"{PREFER_LOOKUP_ENV}=1: a flow's route is its own paired lookup's answer where "
                            "there is one, before the packet's (a test of the pairing)")
         return AttachPlan("kprobe", [BPF_DIR / "common.c", BPF_DIR / "fib.c", BPF_DIR / "kprobe.c"],
-                          attachments, offsets, filters, reasons, [*route_flags, *fib_flags], limits)
+                          attachments, offsets, filters, reasons, [*route_flags, *fib_flags], limits,
+                          facts.uncountable("kprobe"))
     xmit, xmit_flags = XMIT_TRACEPOINT, ["-DRAW_XMIT=1"]
     if facts.btf_tracepoints and os.environ.get(XMIT_HOOK_ENV) != "raw":
         xmit = XMIT_BTF_TRACEPOINT
@@ -257,4 +260,5 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto", limits: 
     else:
         reasons.append("net_dev_queue as a raw tracepoint (this kernel or process cannot load BTF-typed ones)")
     return AttachPlan("tracepoint", [BPF_DIR / "common.c", BPF_DIR / "fib.c", BPF_DIR / "tracepoint.c"],
-                      [*fib, xmit], offsets, filters, reasons, [*xmit_flags, *fib_flags], limits)
+                      [*fib, xmit], offsets, filters, reasons, [*xmit_flags, *fib_flags], limits,
+                      facts.uncountable("tracepoint"))

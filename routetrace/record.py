@@ -45,8 +45,9 @@ from .sanitize import text
 
 FORMAT = "routetrace-trace"
 VERSION = 1
-MINOR = 2        # 1.1: IPv6, device identity, exact accounting (fields added; records "fold", "aggregate", "loss")
+MINOR = 3        # 1.1: IPv6, device identity, exact accounting (fields added; records "fold", "aggregate", "loss")
                  # 1.2: lost counters gain "route_unpaired" (the kprobe plan's unpaired route lookups)
+                 # 1.3: lost gains "uncountable": what the kernel loses with no counter (statements)
 
 # The exit status of a live command whose recording stopped early (disk full, I/O error):
 # tracing and the summary went on, the file lacks what came after the error.
@@ -571,7 +572,8 @@ def _aggregate_from(obj: dict) -> Aggregate:
                      fib_dev=_string(obj.get("fib_dev"), "aggregate fib_dev", optional=True))
 
 
-_LOSS_FIELDS = {f.name for f in dataclass_fields(LossCounters)}
+_LOSS_FIELDS = {f.name for f in dataclass_fields(LossCounters)} - {"uncountable"}
+MAX_UNCOUNTABLE = 16             # statements a loss record may carry (the plans have at most two)
 
 
 def _lost(value, what: str) -> dict:
@@ -580,6 +582,11 @@ def _lost(value, what: str) -> dict:
     for k in _LOSS_FIELDS:
         if k in value:
             _count(value[k], f"{what} counter {k!r}")
+    statements = value.get("uncountable", [])
+    if not isinstance(statements, list) or len(statements) > MAX_UNCOUNTABLE:
+        raise _Bad(f"{what}: 'uncountable' must be a list of at most {MAX_UNCOUNTABLE} statements")
+    for s in statements:
+        _string(s, f"{what} uncountable statement")
     return value
 
 

@@ -100,6 +100,8 @@ def losses_line(losses: LossCounters | None) -> str:
                      "(their answers dropped)")
     if losses.undecoded:
         line += f"\nother: {losses.undecoded} packets not decoded (not IPv4/IPv6 TCP, UDP, ICMP)"
+    for statement in losses.uncountable:
+        line += f"\nnot countable here: {text(statement)}"
     return line
 
 

@@ -351,6 +351,7 @@ class Tracer:
             xmit_missed=missed["xmit"] + stats["xmit"],
             fib_missed=stats["fib"],
             route_unpaired=self._stat(STAT_ROUTE_UNPAIRED),
+            uncountable=tuple(self.plan.uncountable),
         )
 
     def program_stats(self) -> list[ProgramStats]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import json_objects
+from routetrace import kernel
 from routetrace.bench import bpf_stats_enabled
 from test_accounting_bpf import quiet  # noqa: F401  (a fixture used here)
 from test_recursion_loss_bpf import nest_on_one_cpu
@@ -58,3 +59,5 @@ def test_every_run_of_the_transmit_program_is_accounted_under_an_rps_flood(quiet
     assert load.flood_sent > 0 and runs_when_quiet >= load.sent
     assert runs_when_quiet <= explained <= xmit[0]["run_cnt"], (runs_when_quiet, explained, xmit, lost)
     assert lost["xmit_missed"] == 0 and xmit[0]["recursion_misses"] == 0
+    # What the kernel skips uncounted is said beside the counters, not left out of them.
+    assert lost.get("uncountable", []) == kernel.gather().uncountable("tracepoint")

@@ -314,3 +314,44 @@ def test_the_writer_keeps_no_state_per_flow(tmp_path):
     writer.close()
     assert sorted(vars(writer)) == ["_buf", "_buffered", "_err", "_fd", "created", "dropped", "error", "path", "records"]
     assert len(read_trace(tmp_path / "t.jsonl").flows) == 20000
+
+
+def test_what_the_kernel_loses_uncounted_is_recorded_and_read_back(tmp_path):
+    """The plan's uncountable statements travel with the loss counters into the recording and
+    back (format 1.3), and `report` prints them beside "lost:", escaped like any file string."""
+    path = tmp_path / "t.jsonl"
+    writer = TraceWriter(path)
+    trace = read_trace(TRACE)
+    writer.header(kernel="6.18", plan={"backend": "tracepoint"}, filters={}, start_ns=1)
+    writer.flows(trace.flows)
+    said = ("this kernel does not run BPF tracing programs while PID 1 is the current task",
+            "a statement with an escape \x1b[31m inside")
+    writer.trailer(LossCounters(uncountable=said), flows=len(trace.flows))
+    writer.close()
+    back = read_trace(path)
+    assert back.losses.uncountable == said and back.losses.total == 0
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert cli.main(["report", str(path)]) == 0
+    report = out.getvalue()
+    assert "lost: nothing" in report
+    assert f"not countable here: {said[0]}" in report
+    assert "\x1b" not in report and "not countable here: a statement with an escape" in report
+
+
+@pytest.mark.parametrize("bad", [{"uncountable": "one string"}, {"uncountable": [1]},
+                                 {"uncountable": ["x"] * 17}])
+def test_a_trailer_with_malformed_uncountable_statements_is_refused(tmp_path, bad):
+    path = tmp_path / "t.jsonl"
+    writer = TraceWriter(path)
+    writer.header(kernel="6.18", plan={"backend": "tracepoint"}, filters={}, start_ns=1)
+    writer.trailer(LossCounters(), flows=0)
+    writer.close()
+    lines = path.read_text().splitlines()
+    import json
+    trailer = json.loads(lines[-1])
+    trailer["lost"].update(bad)
+    lines[-1] = json.dumps(trailer)
+    path.write_text("\n".join(lines) + "\n")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        code = cli.main(["report", str(path)])
+    assert code != 0 and "uncountable" in err.getvalue() and "Traceback" not in err.getvalue()
