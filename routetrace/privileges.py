@@ -14,15 +14,24 @@ drop (`NetnsHelper`): it is the invoking user too, keeps only CAP_SYS_ADMIN and 
 and takes one kind of request, an integer inode, answering with a list of addresses. Each
 lookup runs in a fresh child that enters the namespace, drops those two capabilities as well and
 reads the addresses over netlink (`ip -j addr`, no capability needed).
+
+And one thing it needs privilege for after the end: removing the kprobe plan's kretprobes from
+tracefs' kprobe_events, where bcc made them and where they outlive the process. A second helper
+forked while root (`ProbeEventReaper`) holds that file open, becomes the invoking user with no
+capabilities, and removes exactly those events when the trace ends or dies.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import json
 import os
+import select
+import signal
 import socket
 import struct
+import time
 from typing import Iterable
 
 from .errors import EnvironmentProblem
@@ -341,6 +350,177 @@ class NetnsHelper:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ---- the tracefs probe-event reaper -------------------------------------------------------
+#
+# A kretprobe with maxactive is made through tracefs (a line in kprobe_events: bcc 0.26 does so
+# whenever maxactive is given) and, unlike a perf event of the kprobe PMU, outlives the process
+# that made it until someone writes "-:GROUP/NAME" to kprobe_events. That needs the file open for
+# writing, which only root may do; a trace that dropped root cannot, and one killed (SIGKILL, a
+# crash) cannot do anything. So a tiny process forked while still root, before any probe exists,
+# does it: it holds kprobe_events open (read and write), the parent's pidfd and one socket, and
+# nothing else; it becomes the invoking user with no capabilities (writes through a file opened
+# before are not checked again) and removes the events named when it was forked -- when asked
+# (after the parent closed the probes' perf events), or when the parent has exited without asking.
+# Ctrl-C, SIGTERM and SIGHUP sent to the whole process group do not stop it before its work.
+
+EVENT_REMOVE = b"R"
+REAPER_READY = b"+"
+REAPER_ASK_TIMEOUT_S = 30.0      # a removal is a few writes; under TCG a slow one is seconds
+REAPER_BUSY_PATIENCE_S = 60.0    # after the parent died: its last perf events may still be closing
+
+
+def _read_all(fd: int) -> str:
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 16, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def probe_events_listed(text: str) -> set[str]:
+    """GROUP/NAME of every event in a kprobe_events text ("r256:kprobes/NAME func" per line)."""
+    out = set()
+    for line in text.splitlines():
+        head = line.split(" ", 1)[0]
+        if ":" in head:
+            out.add(head.split(":", 1)[1])
+    return out
+
+
+def remove_probe_events(read_fd: int, write_fd: int, names: Iterable[str], patience_s: float) -> dict:
+    """Remove those of `names` (GROUP/NAME) that kprobe_events lists; an event still in use
+    (EBUSY) is retried until `patience_s` has passed. Returns {"removed": [...], "failed": [...]}."""
+    deadline = time.monotonic() + patience_s
+    removed, failed = [], []
+    wanted = set(names)
+    while True:
+        busy, failed = [], []
+        for name in sorted(wanted & probe_events_listed(_read_all(read_fd))):
+            try:
+                os.write(write_fd, f"-:{name}".encode())
+                removed.append(name)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    continue                          # gone meanwhile
+                (busy if exc.errno == errno.EBUSY else failed).append(f"{name}: {os.strerror(exc.errno)}")
+        if not busy or time.monotonic() >= deadline:
+            return {"removed": removed, "failed": failed + busy}
+        time.sleep(0.2)
+
+
+def _reap(sock: socket.socket, parent: int, kprobe_events: str, names: list[str], uid: int, gid: int) -> None:
+    """The reaper's life, in the forked child (see above)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    write_fd = os.open(kprobe_events, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    read_fd = os.open(kprobe_events, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pidfd = os.pidfd_open(parent)             # readable once the parent has exited (5.3+)
+    except (AttributeError, OSError):
+        pidfd = None                              # then the socket's end stands for the parent's
+    drop_privileges(uid=uid, gid=gid)
+    sock.sendall(REAPER_READY)
+    released = False
+    while True:
+        ready, _, _ = select.select([sock] + ([pidfd] if pidfd is not None else []), [], [])
+        if pidfd in ready:
+            break                                 # the parent has ended, orderly or not
+        data = sock.recv(1)
+        if data == EVENT_REMOVE:
+            done = remove_probe_events(read_fd, write_fd, names, patience_s=2.0)
+            sock.sendall(json.dumps(done).encode() + b"\n")
+            released = True
+        elif released:
+            return                                # closed after removing them: done
+        elif pidfd is not None:
+            select.select([pidfd], [], [])        # closed without asking: wait for the parent's end
+            break
+        else:
+            break                                 # no pidfd: the closed socket is all there is to learn
+    remove_probe_events(read_fd, write_fd, names, patience_s=REAPER_BUSY_PATIENCE_S)
+
+
+class ProbeEventReaper:
+    """Removes the named tracefs probe events (GROUP/NAME) when asked (`remove()`) or when this
+    process ends without asking. Start it while root, before the probes are made."""
+
+    def __init__(self, kprobe_events: str, names: Iterable[str], uid: int | None = None, gid: int | None = None):
+        if uid is None:
+            uid, gid, _ = target_user()
+        names = sorted(set(names))
+        parent = os.getpid()
+        here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            here.close()
+            there.close()
+            raise EnvironmentProblem(f"cannot start the process that removes routetrace's tracefs probe events: "
+                                     f"{exc.strerror or exc}") from None
+        if pid == 0:
+            code = 0
+            try:
+                keep = there.fileno()
+                os.closerange(3, keep)            # no BPF fds, no recording, no other socket
+                os.closerange(keep + 1, 65536)
+                _reap(there, parent, kprobe_events, names, uid, gid)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        there.close()
+        self.pid, self.names, self._sock = pid, names, here
+        self._reply = b""
+        self._answered = False
+        # Ready only once it holds kprobe_events and has dropped root: else no probe is made.
+        here.settimeout(REAPER_ASK_TIMEOUT_S)
+        try:
+            ready = here.recv(1)
+        except OSError:
+            ready = b""
+        if ready != REAPER_READY:
+            self.close()
+            try:
+                os.kill(pid, signal.SIGKILL)          # ours, and of no use
+                os.waitpid(pid, 0)
+            except (ChildProcessError, ProcessLookupError):
+                pass
+            raise EnvironmentProblem(f"cannot start the process that removes routetrace's tracefs probe events "
+                                     f"({kprobe_events}) when it ends: it did not come up")
+
+    def remove(self) -> dict:
+        """Remove the events now (their perf events must be closed). Returns {"removed", "failed"};
+        a reaper that cannot answer fails every name."""
+        if self._sock is None:
+            return {"removed": [], "failed": [f"{name}: the reaper was let go" for name in self.names]}
+        try:
+            self._sock.sendall(EVENT_REMOVE)
+            while not self._reply.endswith(b"\n"):
+                chunk = self._sock.recv(65536)
+                if not chunk:
+                    raise OSError("the reaper is gone")
+                self._reply += chunk
+            answer = json.loads(self._reply)
+            self._reply = b""
+            self._answered = True
+            return {"removed": list(answer.get("removed", [])), "failed": list(answer.get("failed", []))}
+        except (OSError, ValueError) as exc:
+            return {"removed": [], "failed": [f"{name}: {exc}" for name in self.names]}
+
+    def close(self) -> None:
+        """Let it go. After an answered remove() it exits at once (waited for); otherwise it
+        stays until this process ends, then removes the events."""
+        if self._sock is None:
+            return
+        self._sock.close()
+        self._sock = None
+        if self._answered:
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
 
 
 def nobody() -> tuple[int, int]:

@@ -84,12 +84,15 @@ class Tracer:
         self._buffers = None
         self._btf_progs: dict[str, int] = {}     # BTF-typed tracepoint programs: fn -> program fd
         self._btf_links: dict[str, int] = {}     # ... and their attachments while attached
+        self._reaper = None                       # privileges.ProbeEventReaper of this plan's tracefs events
 
     def __enter__(self) -> "Tracer":
         bcc = import_bcc()
         if self.headers_path:
             # Only this process: other bcc tools keep compiling against what they find.
             os.environ["BCC_KERNEL_SOURCE"] = str(self.headers_path)
+        # Before anything is compiled or attached (the reaper is forked without them).
+        self._reaper = self._start_reaper() if self.attach else None
         try:
             self._bpf = bcc.BPF(text=self.plan.program_text().encode(), cflags=self.plan.cflags)
             # (RAW_)TRACEPOINT_PROBE functions attach themselves on load; the rest by the plan.
@@ -108,6 +111,7 @@ class Tracer:
             if self._bpf is not None:
                 self._bpf.cleanup()
                 self._bpf = None
+            self._remove_probe_events()
             if isinstance(exc, EnvironmentProblem):
                 raise
             raise EnvironmentProblem(f"could not load the {self.plan.backend} BPF program: {exc}") from None
@@ -169,15 +173,62 @@ class Tracer:
             self._notices.close()            # the ring's mappings (they keep the map alive)
             self._notices = None
         if self._bpf is not None:
-            if kprobe_pmu():
+            if kprobe_pmu() or getattr(self, "_reaper", None) is not None:
                 self._release_kprobes()
             self._bpf.cleanup()
             self._bpf = None
+        self._remove_probe_events()
+
+    # ---- tracefs probe events: removed however the process ends ---------------------------
+
+    def _tracefs_event_names(self) -> list[str]:
+        """GROUP/NAME of every kprobe event bcc may make for this plan through tracefs
+        (bcc 0.26: every kretprobe given maxactive; any probe where the kprobe PMU is missing)."""
+        tag = f"_bcc_{os.getpid()}"
+        return sorted({f"kprobes/{'r' if a.kind == 'kretprobe' else 'p'}_"
+                       f"{a.target.replace('+', '_').replace('.', '_')}{tag}"
+                       for a in self.plan.attachments if a.kind in ("kprobe", "kretprobe")})
+
+    def _start_reaper(self):
+        """A kprobe_events line outlives the process that wrote it until it is removed, which
+        needs root: watch has dropped it by the end, and a killed process removes nothing.
+        privileges.ProbeEventReaper, forked now while root, removes this plan's events at the
+        end or after this process died (SIGKILL included). None when there is nothing to remove
+        or no right to (then bcc cannot make tracefs events either)."""
+        names = self._tracefs_event_names()
+        if not names:
+            return None
+        from .kernel import find_tracefs
+        from .privileges import ProbeEventReaper
+        tracefs = find_tracefs()
+        events = tracefs / "kprobe_events" if tracefs else None
+        if events is None or not os.access(events, os.W_OK):
+            return None
+        return ProbeEventReaper(str(events), names)
+
+    def _remove_probe_events(self) -> None:
+        """Ask the reaper to remove this plan's tracefs events (their perf events are closed by
+        now); whatever it could not remove is named on stderr with the command that removes it."""
+        reaper = getattr(self, "_reaper", None)
+        if reaper is None:
+            return
+        self._reaper = None
+        done = reaper.remove()
+        reaper.close()
+        if done["failed"]:
+            import sys
+            from .kernel import find_tracefs
+            from .sanitize import text as safe_text
+            where = find_tracefs() or "/sys/kernel/tracing"
+            names = [f.split(":", 1)[0] for f in done["failed"]]
+            print(safe_text(f"routetrace: could not remove tracefs probe events ({'; '.join(done['failed'])}); "
+                            f"as root: " + " && ".join(f"echo '-:{n}' >> {where}/kprobe_events" for n in names)),
+                  file=sys.stderr, flush=True)
 
     def _release_kprobes(self) -> None:
-        """Detach the kprobes by closing their perf events. With the kprobe PMU (4.17+) that is
-        the whole detach and needs no privilege, so it works after watch dropped root; bcc's own
-        detach also opens tracefs' kprobe_events, which only root may read."""
+        """Detach the kprobes by closing their perf events: no privilege needed, so it works after
+        watch dropped root (bcc's own detach reads root's tracefs kprobe_events). What that leaves
+        in tracefs -- the kretprobes bcc made there -- the reaper removes (_remove_probe_events)."""
         from bcc.libbcc import lib
         for ev_name in list(self._bpf.kprobe_fds):
             for fd in self._bpf.kprobe_fds[ev_name].values():

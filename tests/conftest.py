@@ -80,10 +80,13 @@ def default_sigint():
 class LiveRoutetrace:
     """`routetrace ...` as a user runs it, in a child process, stopped like a user stops it."""
 
-    def __init__(self, *args: str, ready_timeout: float = 180):
+    def __init__(self, *args: str, ready_timeout: float = 180, new_session: bool = False):
+        """new_session: in a process group of its own, which stop(group=True) signals whole, as a
+        terminal's Ctrl-C does (routetrace's helper processes included)."""
         # Unbuffered bytes: what is read here must not sit in a buffer communicate() bypasses.
         self.proc = subprocess.Popen([sys.executable, "-m", "routetrace", *args], bufsize=0,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint,
+                                     start_new_session=new_session)
         # "Tracing ..." goes to stdout like bcc tools, or to stderr when stdout carries JSON.
         stream = self.proc.stderr if "--json" in args else self.proc.stdout
         sel = selectors.DefaultSelector()
@@ -111,8 +114,12 @@ class LiveRoutetrace:
     def output_so_far(self) -> str:
         return b"".join(self._chunks["out"]).decode(errors="replace")
 
-    def stop(self, sig=signal.SIGINT, timeout: float = 60):
-        self.proc.send_signal(sig)
+    def stop(self, sig=signal.SIGINT, timeout: float = 60, group: bool = False):
+        """Signal it (sig None: wait for it to end by itself), then its exit code and output."""
+        if sig is not None and group:
+            os.killpg(self.proc.pid, sig)
+        elif sig is not None:
+            self.proc.send_signal(sig)
         self.proc.wait(timeout=timeout)
         for t in self._readers:
             t.join(timeout)

@@ -212,3 +212,62 @@ def test_started_by_capsh_with_ambient_capabilities_it_drops_them_all(tmp_path):
     after = data["after"]
     assert after["CapEff"] == after["CapPrm"] == after["CapAmb"] == after["CapInh"] == 0
     assert after["NoNewPrivs"] == 1 and data["result"]["dropped"] and data["result"]["user"] == "nobody"
+
+
+# ---- the tracefs probe-event reaper (the kprobe plan's kretprobes live in kprobe_events) -----
+# A regular file stands in for kprobe_events here (this host has no kprobes): the reaper lists
+# the events it reads there and writes each removal to it, which the file keeps. The real file,
+# where a removal deletes the line, is exercised in the VM matrix (test_vm_matrix.py).
+
+def _reaper_child(child, events: Path, ask: bool = False):
+    return child(f"""
+        import os
+        from routetrace.privileges import ProbeEventReaper
+        path = {str(events)!r}
+        mine = f"kprobes/r_f_bcc_{{os.getpid()}}"
+        with open(path, "w") as fh:
+            fh.write(f"r256:{{mine}} f\\np:kprobes/p_g_bcc_1 g\\n")
+        os.chmod(path, 0o600)
+        reaper = ProbeEventReaper(path, [mine, f"kprobes/p_f_bcc_{{os.getpid()}}"])
+        result = {{"reaper": reaper.pid, "mine": mine, "parent": os.getpid()}}
+        if {ask!r}:
+            result["answer"] = reaper.remove()
+            reaper.close()
+            result["reaper_gone"] = not os.path.exists(f"/proc/{{reaper.pid}}")
+    """)
+
+
+def _removals(events: Path) -> list[str]:
+    return [part.split("\n")[0] for part in events.read_text().split("-:")[1:]]
+
+
+@needs_root
+def test_the_probe_event_reaper_removes_only_its_own_events_when_asked(child, tmp_path):
+    events = tmp_path / "kprobe_events"
+    c = _reaper_child(child, events, ask=True)
+    mine = c.result["mine"]
+    assert c.result["answer"] == {"removed": [mine], "failed": []}
+    assert _removals(events) == [mine]                  # not p_g_bcc_1: another process's event
+    assert c.result["reaper_gone"]
+
+
+@needs_root
+def test_the_probe_event_reaper_survives_ctrl_c_and_sigterm_drops_root_and_cleans_up_after_sigkill(child, tmp_path):
+    import signal
+    import time
+    events = tmp_path / "kprobe_events"
+    c = _reaper_child(child, events)
+    reaper = c.result["reaper"]
+    st = privileges.status(reaper)
+    assert st["Uid"][1] != 0 and st["CapEff"] == 0 and st["CapBnd"] == 0 and st["NoNewPrivs"] == 1, st
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):     # a terminal's group signals
+        os.kill(reaper, sig)
+    time.sleep(0.5)
+    assert privileges.status(reaper)["Uid"][1] != 0               # still there
+    assert _removals(events) == []                                 # and nothing removed while its parent runs
+    c.proc.kill()                                                  # the trace, killed
+    c.proc.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while not _removals(events) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _removals(events) == [c.result["mine"]]

@@ -494,3 +494,132 @@ def test_the_transmit_program_runs_on_the_typed_hook_wherever_the_kernel_loads_o
         assert "xmit_btf" in names and "xmit_raw" not in names, names
     else:
         assert "xmit_raw" in names, names
+
+
+# ---- tracefs kprobe events left behind -----------------------------------------------------------
+# bcc 0.26 makes a kretprobe with maxactive through tracefs (a line in kprobe_events, an event named
+# r_<function>_bcc_<pid> in group kprobes), not through the kprobe PMU. Such an event outlives the
+# perf event that used it: someone has to remove it, or it stays on the host after every run.
+
+def _kprobe_events() -> list[str]:
+    from routetrace.kernel import find_tracefs
+    return (find_tracefs() / "kprobe_events").read_text().splitlines()
+
+
+def _events_of(lines: list[str], pid: int) -> list[str]:
+    """The lines bcc made for process `pid` ("r256:kprobes/r_ip_route_output_flow_bcc_PID ...")."""
+    return [line for line in lines if line.split(" ")[0].endswith(f"_bcc_{pid}")]
+
+
+def _loopback_traffic(port: int, connects: int = 5) -> None:
+    import socket
+    with socket.create_server(("127.0.0.1", port)) as server:
+        for _ in range(connects):
+            with socket.create_connection(("127.0.0.1", port)):
+                server.accept()[0].close()
+
+
+def _uid_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return int(next(line for line in fh if line.startswith("Uid:")).split()[2])
+
+
+STOPS = {   # how the trace ends -> (signal, to its whole process group as a terminal's Ctrl-C)
+    "Ctrl-C": (signal.SIGINT, True),
+    "SIGTERM": (signal.SIGTERM, False),
+    "SIGKILL": (signal.SIGKILL, False),
+}
+# After SIGKILL the events are removed by a process that outlives the trace, a moment later.
+REAPED_TIMEOUT = 120
+
+
+def _assert_plan_makes_no_kprobes() -> None:
+    plan = _routetrace("watch", "--dry-run", "--backend", EXPECTED_BACKEND)
+    assert f"attach plan: {EXPECTED_BACKEND}" in plan and "kretprobe" not in plan, plan
+
+
+def _wait_until_gone(pid: int) -> list[str]:
+    import time
+    deadline = time.monotonic() + REAPED_TIMEOUT
+    while (left := _events_of(_kprobe_events(), pid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+@in_every_vm
+def test_watch_leaves_no_tracefs_kprobe_event_behind_however_it_is_stopped():
+    """Three `watch` runs as a user starts them (root, then dropped to nobody once attached), with
+    TCP to 127.0.0.1: stopped by Ctrl-C, by SIGTERM and by SIGKILL. While each runs, kprobe_events
+    lists its kretprobes (made through tracefs: the check below can fail); once it has ended,
+    nothing of it is left there."""
+    require_bpf()
+    if EXPECTED_BACKEND != "kprobe":
+        return _assert_plan_makes_no_kprobes()
+    from concurrent.futures import ThreadPoolExecutor
+    from routetrace import kernel
+    kernel.mount_tracefs()
+    before = _kprobe_events()
+    port = 18893
+    # Compiled at once: under TCG each compile takes a minute or two.
+    with ThreadPoolExecutor(len(STOPS)) as pool:
+        starts = {how: pool.submit(LiveRoutetrace, "watch", "--json", "--backend", "kprobe", "-P", str(port),
+                                   ready_timeout=READY_TIMEOUT, new_session=True) for how in STOPS}
+        runs = {}
+        for how, start in starts.items():
+            try:
+                runs[how] = start.result()
+            except AssertionError:
+                for run in runs.values():
+                    run.kill()
+                raise
+    try:
+        _loopback_traffic(port)
+        during = _kprobe_events()
+        report = {}
+        for how, run in runs.items():
+            pid = run.proc.pid
+            mine = _events_of(during, pid)
+            # bcc made the route kretprobes through tracefs: what must go once the run ends.
+            assert any(line.startswith("r") and "ip_route_output" in line for line in mine), (how, during)
+            assert _uid_of(pid) != 0, f"{how}: watch still runs as root after attaching"
+            sig, group = STOPS[how]
+            rc, out, err = run.stop(sig, timeout=STOP_TIMEOUT, group=group)
+            if sig == signal.SIGKILL:
+                assert rc == -signal.SIGKILL, (rc, err)
+                left = _wait_until_gone(pid)
+            else:
+                _stopped(rc, out, err)
+                assert "privileges: dropped" in err, err
+                left = _events_of(_kprobe_events(), pid)      # gone by the time it has exited
+            report[how] = {"pid": pid, "during": mine, "left": left}
+    finally:
+        for run in runs.values():
+            run.kill()
+    after = _kprobe_events()
+    print(f"kprobe_events before: {before}\nper run: {report}\nafter: {after}")
+    assert {how: r["left"] for how, r in report.items()} == {how: [] for how in STOPS}, report
+    assert set(after) <= set(before), (before, after)
+
+
+@in_every_vm
+def test_prove_leaves_no_tracefs_kprobe_event_behind():
+    """prove keeps root for its whole run (it starts clients in namespaces): nothing of it stays
+    in kprobe_events either."""
+    require_bpf()
+    if EXPECTED_BACKEND != "kprobe":
+        return _assert_plan_makes_no_kprobes()
+    from routetrace import kernel
+    kernel.mount_tracefs()
+    before = _kprobe_events()
+    run = LiveRoutetrace("prove", "--sandbox", "--json", "--backend", "kprobe", ready_timeout=READY_TIMEOUT)
+    try:
+        pid = run.proc.pid
+        during = _events_of(_kprobe_events(), pid)
+        rc, out, err = run.stop(None, timeout=STOP_TIMEOUT)
+    finally:
+        run.kill()
+    after = _kprobe_events()
+    print(f"kprobe_events before: {before}\nduring prove (pid {pid}): {during}\nafter: {after}")
+    assert rc == 0 and json.loads(out.splitlines()[-1])["type"] == "prove", (rc, out, err)
+    assert any(line.startswith("r") and "ip_route_output" in line for line in during), during
+    assert _events_of(after, pid) == [] and set(after) <= set(before), (before, after)
