@@ -180,6 +180,8 @@ class RingReader:
                     count += n
                     continue
             length = headers[off >> 2]
+            if length == expected:
+                continue                          # committed since the run's headers were read
             if length & BUSY_BIT:
                 break                             # not committed yet; nor may we pass it
             if length & DISCARD_BIT:

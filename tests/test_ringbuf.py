@@ -1,5 +1,6 @@
 """routetrace.ringbuf: the BPF ring buffer read in runs, over an in-memory ring laid out as the
 kernel lays it out, and over a real ring the kernel writes while the reader reads."""
+import array
 import json
 import random
 import struct
@@ -181,3 +182,35 @@ def test_a_real_ring_read_while_the_kernel_writes_gives_every_notice_once(sandbo
     assert len(seen) + dropped == created == sent         # one entry per datagram: distinct ports
     assert len(seen) > ringbuf.records_in(8 * 4096, NOTICE_BYTES)   # more than a ring's worth: it wrapped
 
+
+
+class _CommitsBetweenReads:
+    """The reader's header view, with the kernel committing a record between the reader's look at
+    a run of headers (still BUSY then) and its look at that one header (committed by then)."""
+
+    def __init__(self, headers, ring, pos):
+        self._headers, self._ring, self._pos = headers, ring, pos
+
+    def __getitem__(self, key):
+        value = self._headers[key]
+        if isinstance(key, slice) and self._pos is not None:
+            value = array.array("I", value.tolist())   # what the reader saw: BUSY
+            self._ring.commit(self._pos)               # right after the run was read
+            self._pos = None
+        return value
+
+    def release(self):
+        self._headers.release()
+
+
+def test_a_record_committed_between_the_run_and_the_single_look_is_read_not_an_error():
+    """Seen under an RPS flood: the run's header said BUSY, the next look said committed; that
+    is the record the reader waits for, not a record of another size."""
+    ring = MemoryRing(4096, page=64)
+    reader = ring.reader(SAMPLE.size)
+    busy = ring.reserve(SAMPLE.pack(1, 0))
+    assert ring.output(SAMPLE.pack(2, 0))
+    reader._headers = _CommitsBetweenReads(reader._headers, ring, busy)
+    chunks, n = reader.read(100)
+    assert records(chunks) == [(1, 0), (2, 0)] and n == 2
+    assert reader.pending_bytes() == 0
