@@ -76,10 +76,7 @@ class Btf:
     def load(cls, path: Path = VMLINUX_BTF) -> "Btf":
         # Not kept: parsed, the kernel's BTF holds ~35 MB of Python objects. Callers take what
         # they need (offsets, a tracepoint's id) and let it go.
-        try:
-            return cls(path.read_bytes())
-        except OSError as exc:
-            raise EnvironmentProblem(f"cannot read BTF at {path}: {exc.strerror}") from exc
+        return cls(_read(path))
 
     def _strip(self, type_id: int) -> int:
         while True:
@@ -132,53 +129,55 @@ def _sections(data: bytes) -> tuple[int, int, bytes]:
     return hdr_len + type_off, hdr_len + type_off + type_len, data[hdr_len + str_off: hdr_len + str_off + str_len]
 
 
-def tracepoint_type_id(name: str, path: Path = VMLINUX_BTF) -> int | None:
-    """The BTF id a BTF-typed tracepoint program names as its target (the `btf_trace_<name>`
-    typedef), found by walking the type records without building them: a few milliseconds,
-    where parsing the kernel's whole BTF (Btf) takes a quarter of a second and ~35 MB."""
+def _read(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise EnvironmentProblem(f"cannot read BTF at {path}: {exc.strerror}") from exc
-    pos, end, strings = _sections(data)
-    at = strings.find(b"\0btf_trace_" + name.encode() + b"\0")
-    if at < 0:
-        return None
-    name_off, type_id, header = at + 1, 0, struct.Struct("<III").unpack_from
+
+
+def _records(data: bytes):
+    """(type id, offset, name offset, kind, vlen) of each type record, in order, without building
+    any type: how the quick lookups below walk the kernel's BTF in milliseconds, where parsing it
+    whole (Btf) takes a quarter of a second and ~35 MB."""
+    pos, end, _ = _sections(data)
+    header = struct.Struct("<III").unpack_from
+    type_id = 0
     while pos < end:
-        rec_name, info, _ = header(data, pos)
+        name_off, info, _ = header(data, pos)
         type_id += 1
-        kind = (info >> 24) & 0x1F
-        if rec_name == name_off and kind == KIND_TYPEDEF:
-            return type_id
-        pos += 12 + _FIXED_EXTRA.get(kind, 0) + _PER_MEMBER_EXTRA.get(kind, 0) * (info & 0xFFFF)
-    return None
+        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+        yield type_id, pos, name_off, kind, vlen
+        pos += 12 + _FIXED_EXTRA.get(kind, 0) + _PER_MEMBER_EXTRA.get(kind, 0) * vlen
+
+
+def _name_offset(data: bytes, name: str) -> int | None:
+    """Where `name` starts in the blob's string section, or None when no string is exactly it."""
+    at = _sections(data)[2].find(b"\0" + name.encode() + b"\0")
+    return None if at < 0 else at + 1
+
+
+def tracepoint_type_id(name: str, path: Path = VMLINUX_BTF) -> int | None:
+    """The BTF id a BTF-typed tracepoint program names as its target (the `btf_trace_<name>`
+    typedef)."""
+    data = _read(path)
+    name_off = _name_offset(data, "btf_trace_" + name)
+    if name_off is None:
+        return None
+    return next((type_id for type_id, _pos, rec_name, kind, _vlen in _records(data)
+                 if rec_name == name_off and kind == KIND_TYPEDEF), None)
 
 
 def struct_has_member(struct_name: str, member: str, path: Path = VMLINUX_BTF) -> bool:
-    """Whether the kernel's BTF has a struct of that name with a member of that name, by walking
-    the type records (as tracepoint_type_id): a few milliseconds, no full parse."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise EnvironmentProblem(f"cannot read BTF at {path}: {exc.strerror}") from exc
-    pos, end, strings = _sections(data)
-    offsets = {}
-    for name in (struct_name, member):
-        at = strings.find(b"\0" + name.encode() + b"\0")
-        if at < 0:
-            return False
-        offsets[name] = at + 1
-    header, member_name = struct.Struct("<III").unpack_from, struct.Struct("<I").unpack_from
-    while pos < end:
-        rec_name, info, _ = header(data, pos)
-        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-        if kind == KIND_STRUCT and rec_name == offsets[struct_name]:
-            first = pos + 12
-            if any(member_name(data, first + 12 * i)[0] == offsets[member] for i in range(vlen)):
-                return True
-        pos += 12 + _FIXED_EXTRA.get(kind, 0) + _PER_MEMBER_EXTRA.get(kind, 0) * vlen
-    return False
+    """Whether the kernel's BTF has a struct of that name with a member of that name."""
+    data = _read(path)
+    struct_off, member_off = _name_offset(data, struct_name), _name_offset(data, member)
+    if struct_off is None or member_off is None:
+        return False
+    member_name = struct.Struct("<I").unpack_from
+    return any(kind == KIND_STRUCT and rec_name == struct_off
+               and any(member_name(data, pos + 12 + 12 * i)[0] == member_off for i in range(vlen))
+               for _id, pos, rec_name, kind, vlen in _records(data))
 
 
 def _cstr(strings: bytes, off: int) -> str:
