@@ -4,7 +4,8 @@ The floor (bpf/floor.c: one per-CPU increment on the same hook: the BTF-typed tr
 raw one), routetrace's programs as the plan chooses them (the BTF-typed tracepoint where the kernel
 takes it) and on the raw tracepoint ("routetrace-raw", ROUTETRACE_XMIT_HOOK=raw), and optionally
 the programs of another checkout (--against DIR: its bpf/ directory, e.g. from
-`git archive OLD | tar -x -C /tmp/old`, on the raw tracepoint) are loaded together and attached one at a time,
+`git archive OLD | tar -x -C /tmp/old`, on the raw tracepoint, and as "against-typed" on the typed
+one where that checkout has it) are loaded together and attached one at a time,
 in alternating order, for slices of UDP traffic in a throwaway namespace. The kernel's own
 statistics (kernel.bpf_stats_enabled=1) give ns per run of each. --mode known: one flow, every
 packet of a known flow; --mode new: distinct flows, every packet a new one, with a reader
@@ -82,6 +83,10 @@ def run(against: Path | None, rounds: int, slice_s: float, mode: str) -> list[di
             old_xmit = dataclasses.replace(raw_plan.xmit, fn=named)
             plans["against"] = dataclasses.replace(raw_plan, sources=[against / p.name for p in plan.sources],
                                                    attachments=[*raw_plan.attachments[:-1], old_xmit])
+            if "xmit_btf" in (against / "tracepoint.c").read_text() and plan.xmit != raw_plan.xmit:
+                # ... and where it has the typed hook too, on that hook, as this plan attaches it.
+                plans["against-typed"] = dataclasses.replace(plan, sources=[against / p.name for p in plan.sources],
+                                                             attachments=list(plan.attachments))
         plans["routetrace"] = plan
         if plan.xmit != raw_plan.xmit:
             plans["routetrace-raw"] = raw_plan
@@ -130,7 +135,7 @@ def run(against: Path | None, rounds: int, slice_s: float, mode: str) -> list[di
     floors = {n: totals[n][0] / totals[n][1] for n in ("floor", "floor-btf") if n in totals and totals[n][1]}
 
     def floor_of(name: str) -> float:
-        btf = name == "floor-btf" or (name == "routetrace" and hooks["routetrace"] == "btf_tracepoint")
+        btf = name == "floor-btf" or (name in ("routetrace", "against-typed") and hooks[name] == "btf_tracepoint")
         return floors["floor-btf" if btf else "floor"]
     return [{"program": n, "runs": c, "ns_per_run": ns / c if c else None,
              "x_floor": ns / c / floor_of(n) if c else None, "per_round": per_round[n]}

@@ -34,6 +34,23 @@ _OBJ_INFO = struct.Struct("=IIQ")            # bpf_fd, info_len, info
 LOG_SIZE = 1 << 20
 # r0 = 0; exit: what `btf_tracepoint_loads` asks the kernel to accept.
 _RETURN_ZERO = bytes.fromhex("b700000000000000" "9500000000000000")
+_INSN = struct.Struct("<BBhi")               # code, dst_reg | src_reg << 4, off, imm
+BPF_CALL = 0x85
+BPF_PSEUDO_KFUNC_CALL = 2
+# bpf/common.c calls kfuncs through these helper numbers (no helper has them; bcc cannot emit a
+# kfunc call), rewritten by link_kfunc_calls: -DKFUNC_RDONLY_CAST_MARK
+KFUNC_MARKS = {"bpf_rdonly_cast": 0x7FF0}
+
+
+def link_kfunc_calls(insns: bytes, kfunc_ids: dict[int, int]) -> bytes:
+    """The program with each call to a marker helper number (kfunc_ids: marker -> the kfunc's id
+    in vmlinux BTF) turned into a call of that kernel function."""
+    out = bytearray(insns)
+    for pos in range(0, len(out) - 7, 8):
+        code, regs, off, imm = _INSN.unpack_from(out, pos)
+        if code == BPF_CALL and regs == 0 and imm in kfunc_ids:
+            _INSN.pack_into(out, pos, code, BPF_PSEUDO_KFUNC_CALL << 4, 0, kfunc_ids[imm])
+    return bytes(out)
 
 
 def _sys_bpf(cmd: int, attr: bytes) -> tuple[int, int, bytes]:
@@ -87,11 +104,25 @@ def attach_btf_tracepoint(prog_fd: int) -> int:
     return fd
 
 
-def btf_tracepoint_loads(btf_id: int) -> bool:
-    """Whether this kernel accepts BTF-typed tracepoint programs (a trivial one, for btf_id) from
-    this process: tracing programs need 5.5+, BTF, and privileges some machines withhold."""
+def packet_cast_loads(btf_id: int, cast_id: int, struct_id: int) -> bool:
+    """Whether this kernel takes bpf_rdonly_cast (kfunc id cast_id) in a BTF-typed tracepoint
+    program and a load through its result (a struct_id pointer): what PACKET_CASTS needs."""
+    insns = b"".join([
+        _INSN.pack(0x79, 1 | 1 << 4, 0, 0),                  # r1 = ctx[0]
+        _INSN.pack(0xB7, 2, 0, struct_id),                   # r2 = the struct's BTF id
+        _INSN.pack(BPF_CALL, BPF_PSEUDO_KFUNC_CALL << 4, 0, cast_id),
+        _INSN.pack(0x71, 0, 0, 0),                           # r0 = *(u8 *)(r0 + 0)
+        _RETURN_ZERO,
+    ])
+    return btf_tracepoint_loads(btf_id, insns)
+
+
+def btf_tracepoint_loads(btf_id: int, insns: bytes = _RETURN_ZERO) -> bool:
+    """Whether this kernel accepts BTF-typed tracepoint programs (by default a trivial one, for
+    btf_id) from this process: tracing programs need 5.5+, BTF, and privileges some machines
+    withhold."""
     try:
-        fd = load_btf_tracepoint(_RETURN_ZERO, "rt_probe", btf_id, with_log=False)
+        fd = load_btf_tracepoint(insns, "rt_probe", btf_id, with_log=False)
     except EnvironmentProblem:
         return False
     os.close(fd)

@@ -157,15 +157,26 @@ def _name_offset(data: bytes, name: str) -> int | None:
     return None if at < 0 else at + 1
 
 
+def type_ids(wanted: dict[str, int], path: Path = VMLINUX_BTF) -> dict[str, int]:
+    """The BTF ids of named types, each asked as name -> kind (KIND_STRUCT, KIND_FUNC, ...), in one
+    walk: those found (the first of a name and kind), by name."""
+    data = _read(path)
+    by_offset = {off: (name, kind) for name, kind in wanted.items()
+                 if (off := _name_offset(data, name)) is not None}
+    found: dict[str, int] = {}
+    for type_id, _pos, rec_name, kind, _vlen in _records(data):
+        hit = by_offset.get(rec_name)
+        if hit is not None and hit[1] == kind and hit[0] not in found:
+            found[hit[0]] = type_id
+            if len(found) == len(by_offset):
+                break
+    return found
+
+
 def tracepoint_type_id(name: str, path: Path = VMLINUX_BTF) -> int | None:
     """The BTF id a BTF-typed tracepoint program names as its target (the `btf_trace_<name>`
     typedef)."""
-    data = _read(path)
-    name_off = _name_offset(data, "btf_trace_" + name)
-    if name_off is None:
-        return None
-    return next((type_id for type_id, _pos, rec_name, kind, _vlen in _records(data)
-                 if rec_name == name_off and kind == KIND_TYPEDEF), None)
+    return type_ids({"btf_trace_" + name: KIND_TYPEDEF}, path).get("btf_trace_" + name)
 
 
 def struct_has_member(struct_name: str, member: str, path: Path = VMLINUX_BTF) -> bool:

@@ -243,6 +243,47 @@ COUNTS_STRUCT = struct.Struct("=QQQQ")     # the first four members of struct fl
 VALUE_COUNTS_STRUCT = struct.Struct(f"=QQQQ{VALUE_STRUCT.size - COUNTS_STRUCT.size}x")
 
 
+# struct cached_flow in bpf/common.c: a flow_key, then its four counts.
+CACHED_FLOW_STRUCT = struct.Struct(f"={KEY_STRUCT.size}sQQQQ")
+
+
+def cached_counts(slots: bytes) -> dict[bytes, list[int]]:
+    """The per-CPU flow cache's slots of one epoch (struct cached_flow, back to back): the counts
+    each key holds there, summed over the CPUs that cached it (empty slots: family 0)."""
+    out: dict[bytes, list[int]] = {}
+    family_at = KEY_STRUCT.size - 3       # flow_key.family (then the 2-byte pad)
+    for key, packets, nbytes, segments, fragments in CACHED_FLOW_STRUCT.iter_unpack(slots):
+        if key[family_at] == 0 or not packets:
+            continue
+        counts = out.setdefault(key, [0, 0, 0, 0])
+        counts[0] += packets
+        counts[1] += nbytes
+        counts[2] += segments
+        counts[3] += fragments
+    return out
+
+
+def add_cached_counts(keys: bytes, values: bytes, count: int, pending: dict[bytes, list[int]]) -> bytes:
+    """A drained chunk's values with the cached counts of its keys added (each key found is taken
+    out of pending, so what is left there belongs to no drained entry)."""
+    if not pending:
+        return values
+    ksize, vsize = KEY_STRUCT.size, VALUE_STRUCT.size
+    # An index of the chunk's keys: linear in the chunk, whatever the number pending (a slot per
+    # CPU each: thousands on a large host).
+    at = {keys[i * ksize:(i + 1) * ksize]: i for i in range(count)}
+    patched = None
+    for key in [k for k in pending if k in at]:
+        if patched is None:
+            patched = bytearray(values)
+        off = at[key] * vsize
+        packets, nbytes, segments, fragments = pending.pop(key)
+        old = COUNTS_STRUCT.unpack_from(patched, off)
+        COUNTS_STRUCT.pack_into(patched, off, old[0] + packets, old[1] + nbytes, old[2] + segments,
+                                old[3] + fragments)
+    return values if patched is None else bytes(patched)
+
+
 def flow_key_of(key: tuple) -> FlowKey:
     """Just the identity of an unpacked kernel key (KEY_STRUCT): cheaper than decode_fields for
     the common case of a flow already known."""

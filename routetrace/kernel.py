@@ -52,6 +52,9 @@ class KernelFacts:
     # The kernel loads BTF-typed tracepoint programs (tp_btf) for net_dev_queue from this process:
     # the transmit program's cheapest way in (bpf/tracepoint.c)
     btf_tracepoints: bool = False
+    # ... and takes bpf_rdonly_cast (6.2+) in one: packet headers are then read by plain loads
+    # (bpf/common.c, PACKET_CASTS) instead of bpf_probe_read_kernel calls
+    packet_casts: bool = False
     # BPF tracing programs are not run while PID 1 is current (a non-upstream patch whose mark is
     # bpf_prog_aux.init_owned in BTF; seen on the 6.18 sandbox kernel)
     bpf_skips_pid1: bool = False
@@ -115,6 +118,7 @@ class KernelFacts:
             "kprobes": self.kprobes,
             "raw_tracepoints": self.raw_tracepoints,
             "btf_tracepoints": self.btf_tracepoints,
+            "packet_casts": self.packet_casts,
             "bpf_skips_pid1": self.bpf_skips_pid1,
             "tracepoints": dict(self.tracepoints),
             "tracepoint_fields": {tp: dict(f) for tp, f in self.tracepoint_fields.items()},
@@ -141,6 +145,7 @@ class KernelFacts:
             bcc_version=data.get("bcc_version"), fib_name_data_loc=data.get("fib_name_data_loc", False),
             raw_tracepoints=data.get("raw_tracepoints", False),
             btf_tracepoints=data.get("btf_tracepoints", False),
+            packet_casts=data.get("packet_casts", False),
             bpf_skips_pid1=data.get("bpf_skips_pid1", False),
             tracepoint_fields={tp: dict(f) for tp, f in data.get("tracepoint_fields", {}).items()},
         )
@@ -168,7 +173,8 @@ def gather(prepare_headers: bool = False) -> KernelFacts:
         bcc_version=bcc_version(),
         fib_name_data_loc=_field_is_data_loc(tracefs, "fib/fib_table_lookup", "name"),
         raw_tracepoints=bool(read_symbols(RAW_TRACEPOINT_SYMBOLS)),
-        btf_tracepoints=_btf_tracepoints(),
+        btf_tracepoints=(typed := _btf_tracepoints()),
+        packet_casts=typed and _packet_casts(),
         bpf_skips_pid1=_bpf_skips_pid1(),
         tracepoint_fields={tp: fields for tp in TRACEPOINTS
                            if (fields := tracepoint_fields(tracefs, tp)) is not None},
@@ -187,6 +193,19 @@ def _btf_tracepoints(tracepoint: str = "net_dev_queue") -> bool:
     except EnvironmentProblem:
         return False
     return type_id is not None and btf_tracepoint_loads(type_id)
+
+
+def _packet_casts(tracepoint: str = "net_dev_queue") -> bool:
+    """Asked of the kernel itself: a BTF-typed tracepoint program that casts its skb pointer with
+    bpf_rdonly_cast and reads through the result (the kfunc is 6.2+, and its BTF must be there)."""
+    from .bpfsys import packet_cast_loads
+    from .btf import KIND_FUNC, KIND_STRUCT, KIND_TYPEDEF, type_ids
+    try:
+        ids = type_ids({"btf_trace_" + tracepoint: KIND_TYPEDEF, "bpf_rdonly_cast": KIND_FUNC,
+                        "iphdr": KIND_STRUCT})
+    except EnvironmentProblem:
+        return False
+    return len(ids) == 3 and packet_cast_loads(ids["btf_trace_" + tracepoint], ids["bpf_rdonly_cast"], ids["iphdr"])
 
 
 def _bpf_skips_pid1() -> bool:

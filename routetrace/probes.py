@@ -116,6 +116,8 @@ class AttachPlan:
     limits: Limits = field(default_factory=Limits)
     # what this plan loses on this kernel without any counter (KernelFacts.uncountable)
     uncountable: list[str] = field(default_factory=list)
+    # kernel functions the BTF-typed programs call (bpfsys.KFUNC_MARKS), linked by tracer.py
+    kfuncs: list[str] = field(default_factory=list)
 
     @property
     def cflags(self) -> list[str]:
@@ -250,15 +252,39 @@ def choose(facts: KernelFacts, filters: Filters, backend: str = "auto", limits: 
         return AttachPlan("kprobe", [BPF_DIR / "common.c", BPF_DIR / "fib.c", BPF_DIR / "kprobe.c"],
                           attachments, offsets, filters, reasons, [*route_flags, *fib_flags], limits,
                           facts.uncountable("kprobe"))
-    xmit, xmit_flags = XMIT_TRACEPOINT, ["-DRAW_XMIT=1"]
+    xmit, xmit_flags, kfuncs = XMIT_TRACEPOINT, ["-DRAW_XMIT=1"], []
     if facts.btf_tracepoints and os.environ.get(XMIT_HOOK_ENV) != "raw":
         xmit = XMIT_BTF_TRACEPOINT
         xmit_flags.append("-DXMIT_BTF=1")
         reasons.append("net_dev_queue as a BTF-typed tracepoint: the skb, its device and namespace by plain loads")
+        casts = _packet_cast_flags(btf) if facts.packet_casts else None
+        if casts:
+            xmit_flags += casts
+            kfuncs.append("bpf_rdonly_cast")
+            reasons.append("packet headers and the GSO count by plain loads through bpf_rdonly_cast "
+                           "(no bpf_probe_read_kernel call per packet)")
     elif os.environ.get(XMIT_HOOK_ENV) == "raw":
         reasons.append(f"{XMIT_HOOK_ENV}=raw: net_dev_queue as a raw tracepoint")
     else:
         reasons.append("net_dev_queue as a raw tracepoint (this kernel or process cannot load BTF-typed ones)")
     return AttachPlan("tracepoint", [BPF_DIR / "common.c", BPF_DIR / "fib.c", BPF_DIR / "tracepoint.c"],
                       [*fib, xmit], offsets, filters, reasons, [*xmit_flags, *fib_flags], limits,
-                      facts.uncountable("tracepoint"))
+                      facts.uncountable("tracepoint"), kfuncs)
+
+
+# The structs bpf/common.c casts packet data to (PACKET_CASTS): define -> struct name.
+PACKET_CAST_STRUCTS = {"BTF_ID_IPHDR": "iphdr", "BTF_ID_IPV6HDR": "ipv6hdr", "BTF_ID_UDPHDR": "udphdr",
+                       "BTF_ID_SKB_SHARED_INFO": "skb_shared_info"}
+
+
+def _packet_cast_flags(btf: Btf | None) -> list[str] | None:
+    """-D defines for PACKET_CASTS: the casts' BTF ids in the running kernel (the program is
+    loaded against it); None without BTF offsets or when a struct is missing."""
+    if btf is None:
+        return None
+    ids = {define: btf.by_name.get(name) for define, name in PACKET_CAST_STRUCTS.items()}
+    if None in ids.values():
+        return None
+    from .bpfsys import KFUNC_MARKS
+    return ["-DPACKET_CASTS=1", f"-DKFUNC_RDONLY_CAST_MARK={KFUNC_MARKS['bpf_rdonly_cast']}",
+            *(f"-D{define}={type_id}" for define, type_id in ids.items())]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .errors import EnvironmentProblem
 from . import ringbuf
-from .events import KEY_STRUCT, NOTICE_BYTES, VALUE_STRUCT, LossCounters
+from .events import KEY_STRUCT, NOTICE_BYTES, VALUE_STRUCT, LossCounters, add_cached_counts, cached_counts
 from .probes import AttachPlan
 
 BCC_MISSING = ("bcc (python3-bpfcc) is not importable from this Python: run scripts/setup, or "
@@ -81,6 +81,7 @@ class Tracer:
         self._behind = False
         self._epoch = 0
         self._created_base = [0, 0]
+        self._orphaned = [0, 0]                   # cached packets, bytes with no drained entry
         self._buffers = None
         self._btf_progs: dict[str, int] = {}     # BTF-typed tracepoint programs: fn -> program fd
         self._btf_links: dict[str, int] = {}     # ... and their attachments while attached
@@ -133,14 +134,17 @@ class Tracer:
         """Load a BTF-typed tracepoint program from bcc's compiled instructions (bcc cannot load
         this kind). If the kernel refuses it, the plan's fallback -- the same code on the raw
         tracepoint, compiled in the same unit -- takes its place, and the plan says why."""
-        from .bpfsys import load_btf_tracepoint
+        from .bpfsys import link_kfunc_calls, load_btf_tracepoint
         from .btf import tracepoint_type_id
         try:
             type_id = tracepoint_type_id(a.target)
             if type_id is None:
                 raise EnvironmentProblem(f"no btf_trace_{a.target} in the kernel's BTF")
             from bcc.libbcc import lib
-            self._btf_progs[a.fn] = load_btf_tracepoint(self._bpf.dump_func(a.fn.encode()), a.fn, type_id,
+            insns = self._bpf.dump_func(a.fn.encode())
+            if self.plan.kfuncs:
+                insns = link_kfunc_calls(insns, self._kfunc_ids())
+            self._btf_progs[a.fn] = load_btf_tracepoint(insns, a.fn, type_id,
                                                         lib.bpf_module_license(self._bpf.module) or b"GPL")
             return a
         except EnvironmentProblem as exc:
@@ -150,6 +154,16 @@ class Tracer:
             self.plan.attachments[index] = fallback
             self.plan.reasons.append(f"{exc}; {fallback.fn} on the raw tracepoint instead")
             return fallback
+
+    def _kfunc_ids(self) -> dict[int, int]:
+        """The plan's kfuncs: marker number -> the function's id in the kernel's BTF."""
+        from .bpfsys import KFUNC_MARKS
+        from .btf import KIND_FUNC, type_ids
+        ids = type_ids({name: KIND_FUNC for name in self.plan.kfuncs})
+        missing = [name for name in self.plan.kfuncs if name not in ids]
+        if missing:
+            raise EnvironmentProblem(f"no {', '.join(missing)} in the kernel's BTF")
+        return {KFUNC_MARKS[name]: ids[name] for name in self.plan.kfuncs}
 
     def _close_btf(self) -> None:
         for fd in list(self._btf_links.values()) + list(self._btf_progs.values()):
@@ -377,8 +391,29 @@ class Tracer:
         # Everything made in that map until now is gone with the drain (read first: entries
         # made during the drain would only make the next drain come sooner).
         created = self._stat(STAT_CREATED_1 if epoch else STAT_CREATED_0)
-        yield from self._drain_map(table)
+        # The epoch is not in use: its cache slots are still, and their counts belong to
+        # entries of this map.
+        pending = self._take_cached(epoch)
+        for keys, values, count in self._drain_map(table):
+            yield keys, add_cached_counts(keys, values, count, pending), count
+        for packets, nbytes, _segments, _fragments in pending.values():
+            self._orphaned[0] += packets          # never expected (struct cached_flow): lost, not dropped
+            self._orphaned[1] += nbytes
         self._created_base[epoch] = created
+
+    def _take_cached(self, epoch: int) -> dict[bytes, list[int]]:
+        """The counts in the per-CPU flow cache's slots of one epoch (summed by key), and the
+        slots emptied."""
+        cache = self._table(b"flow_cache")
+        if cache is None:
+            return {}
+        slots = len(cache) // 2
+        raw = []
+        for i in range(epoch * slots, (epoch + 1) * slots):
+            k = cache.Key(i)
+            raw.append(bytes(cache.getvalue(k)))
+            cache[k] = cache.Leaf()
+        return cached_counts(b"".join(raw))
 
     def _flip(self) -> None:
         control = self._bpf[b"control"]
@@ -395,8 +430,8 @@ class Tracer:
         missed = self._kprobe_misses()
         return LossCounters(
             events_dropped=self._stat(STAT_EVENTS_DROPPED),
-            flow_map_full=self._stat(STAT_LOST_PACKETS),
-            flow_map_full_bytes=self._stat(STAT_LOST_BYTES),
+            flow_map_full=self._stat(STAT_LOST_PACKETS) + self._orphaned[0],
+            flow_map_full_bytes=self._stat(STAT_LOST_BYTES) + self._orphaned[1],
             undecoded=self._stat(STAT_UNDECODED),
             probes_missed=missed["route"] + stats["route"],
             xmit_missed=missed["xmit"] + stats["xmit"],

@@ -77,6 +77,32 @@ def test_the_transmit_program_takes_the_btf_typed_tracepoint_where_the_kernel_lo
     assert str(probes.choose(facts(btf_tracepoints=True), probes.Filters()).attachments[4]) == "kprobe __dev_queue_xmit"
 
 
+def test_packet_headers_are_read_through_casts_only_on_the_typed_hook_of_a_kernel_that_takes_them(monkeypatch):
+    """bpf_rdonly_cast (6.2+): the casts' BTF ids come from the running kernel's BTF, which the plan
+    also takes its offsets from; the tracer links the kfunc call by name (plan.kfuncs)."""
+    from routetrace.btf import Btf
+    monkeypatch.delenv(probes.XMIT_HOOK_ENV, raising=False)
+    btf = Btf.load()
+    casts = probes.choose(facts(kprobes=False, btf_tracepoints=True, packet_casts=True), probes.Filters())
+    assert casts.kfuncs == ["bpf_rdonly_cast"] and "-DPACKET_CASTS=1" in casts.cflags
+    for define, struct_name in probes.PACKET_CAST_STRUCTS.items():
+        assert f"-D{define}={btf.by_name[struct_name]}" in casts.cflags
+    assert any("bpf_rdonly_cast" in r for r in casts.reasons)
+    # Not without the fact, not on the raw hook, not in the kprobe plan (no typed program there).
+    for plan in (probes.choose(facts(kprobes=False, btf_tracepoints=True, packet_casts=False), probes.Filters()),
+                 probes.choose(facts(kprobes=False, btf_tracepoints=False, packet_casts=True), probes.Filters()),
+                 probes.choose(facts(btf_tracepoints=True, packet_casts=True), probes.Filters())):
+        assert not plan.kfuncs and "-DPACKET_CASTS=1" not in plan.cflags, plan.backend
+    monkeypatch.setenv(probes.XMIT_HOOK_ENV, "raw")
+    forced = probes.choose(facts(kprobes=False, btf_tracepoints=True, packet_casts=True), probes.Filters())
+    assert not forced.kfuncs and "-DPACKET_CASTS=1" not in forced.cflags
+    # Offsets from headers (no BTF object): no ids to cast to, so no casts.
+    monkeypatch.delenv(probes.XMIT_HOOK_ENV)
+    monkeypatch.setenv("ROUTETRACE_OFFSETS", "headers")
+    headers = probes.choose(facts(kprobes=False, btf_tracepoints=True, packet_casts=True), probes.Filters())
+    assert not headers.kfuncs and "-DPACKET_CASTS=1" not in headers.cflags
+
+
 def test_fib6_is_attached_only_where_the_kernel_has_it():
     with_v6 = probes.choose(facts(), probes.Filters())
     assert "-DHAVE_FIB6=1" in with_v6.cflags
