@@ -173,12 +173,6 @@ def type_ids(wanted: dict[str, int], path: Path = VMLINUX_BTF) -> dict[str, int]
     return found
 
 
-def tracepoint_type_id(name: str, path: Path = VMLINUX_BTF) -> int | None:
-    """The BTF id a BTF-typed tracepoint program names as its target (the `btf_trace_<name>`
-    typedef)."""
-    return type_ids({"btf_trace_" + name: KIND_TYPEDEF}, path).get("btf_trace_" + name)
-
-
 def struct_has_member(struct_name: str, member: str, path: Path = VMLINUX_BTF) -> bool:
     """Whether the kernel's BTF has a struct of that name with a member of that name."""
     data = _read(path)

@@ -173,39 +173,33 @@ def gather(prepare_headers: bool = False) -> KernelFacts:
         bcc_version=bcc_version(),
         fib_name_data_loc=_field_is_data_loc(tracefs, "fib/fib_table_lookup", "name"),
         raw_tracepoints=bool(read_symbols(RAW_TRACEPOINT_SYMBOLS)),
-        btf_tracepoints=(typed := _btf_tracepoints()),
-        packet_casts=typed and _packet_casts(),
+        **_typed_programs(),
         bpf_skips_pid1=_bpf_skips_pid1(),
         tracepoint_fields={tp: fields for tp in TRACEPOINTS
                            if (fields := tracepoint_fields(tracefs, tp)) is not None},
     )
 
 
-def _btf_tracepoints(tracepoint: str = "net_dev_queue") -> bool:
-    """Asked of the kernel itself (a two-instruction program): BTF, 5.5+ and the privilege to load
-    tracing programs -- some machines refuse fentry yet take this, others may refuse both."""
+def _typed_programs(tracepoint: str = "net_dev_queue") -> dict[str, bool]:
+    """btf_tracepoints and packet_casts, asked of the kernel itself, with the ids both need from
+    one walk of its BTF. btf_tracepoints: a two-instruction program (BTF, 5.5+ and the privilege to
+    load tracing programs -- some machines refuse fentry yet take this, others may refuse both).
+    packet_casts: one that casts its skb pointer with bpf_rdonly_cast and reads through the result
+    (the kfunc is 6.2+, and its BTF must be there)."""
+    none = {"btf_tracepoints": False, "packet_casts": False}
     if os.geteuid() != 0 or not VMLINUX_BTF.exists():
-        return False
-    from .bpfsys import btf_tracepoint_loads
-    from .btf import tracepoint_type_id
-    try:
-        type_id = tracepoint_type_id(tracepoint)
-    except EnvironmentProblem:
-        return False
-    return type_id is not None and btf_tracepoint_loads(type_id)
-
-
-def _packet_casts(tracepoint: str = "net_dev_queue") -> bool:
-    """Asked of the kernel itself: a BTF-typed tracepoint program that casts its skb pointer with
-    bpf_rdonly_cast and reads through the result (the kfunc is 6.2+, and its BTF must be there)."""
-    from .bpfsys import packet_cast_loads
+        return none
+    from .bpfsys import btf_tracepoint_loads, packet_cast_loads
     from .btf import KIND_FUNC, KIND_STRUCT, KIND_TYPEDEF, type_ids
+    typedef = "btf_trace_" + tracepoint
     try:
-        ids = type_ids({"btf_trace_" + tracepoint: KIND_TYPEDEF, "bpf_rdonly_cast": KIND_FUNC,
-                        "iphdr": KIND_STRUCT})
+        ids = type_ids({typedef: KIND_TYPEDEF, "bpf_rdonly_cast": KIND_FUNC, "iphdr": KIND_STRUCT})
     except EnvironmentProblem:
-        return False
-    return len(ids) == 3 and packet_cast_loads(ids["btf_trace_" + tracepoint], ids["bpf_rdonly_cast"], ids["iphdr"])
+        return none
+    if typedef not in ids or not btf_tracepoint_loads(ids[typedef]):
+        return none
+    return {"btf_tracepoints": True,
+            "packet_casts": len(ids) == 3 and packet_cast_loads(ids[typedef], ids["bpf_rdonly_cast"], ids["iphdr"])}
 
 
 def _bpf_skips_pid1() -> bool:

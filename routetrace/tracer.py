@@ -134,17 +134,20 @@ class Tracer:
         """Load a BTF-typed tracepoint program from bcc's compiled instructions (bcc cannot load
         this kind). If the kernel refuses it, the plan's fallback -- the same code on the raw
         tracepoint, compiled in the same unit -- takes its place, and the plan says why."""
-        from .bpfsys import link_kfunc_calls, load_btf_tracepoint
-        from .btf import tracepoint_type_id
+        from .bpfsys import KFUNC_MARKS, link_kfunc_calls, load_btf_tracepoint
+        from .btf import KIND_FUNC, KIND_TYPEDEF, type_ids
         try:
-            type_id = tracepoint_type_id(a.target)
-            if type_id is None:
-                raise EnvironmentProblem(f"no btf_trace_{a.target} in the kernel's BTF")
+            # The tracepoint's id and those of the kfuncs the program calls, from one walk.
+            typedef = "btf_trace_" + a.target
+            ids = type_ids({typedef: KIND_TYPEDEF, **{name: KIND_FUNC for name in self.plan.kfuncs}})
+            missing = [name for name in (typedef, *self.plan.kfuncs) if name not in ids]
+            if missing:
+                raise EnvironmentProblem(f"no {', '.join(missing)} in the kernel's BTF")
             from bcc.libbcc import lib
             insns = self._bpf.dump_func(a.fn.encode())
             if self.plan.kfuncs:
-                insns = link_kfunc_calls(insns, self._kfunc_ids())
-            self._btf_progs[a.fn] = load_btf_tracepoint(insns, a.fn, type_id,
+                insns = link_kfunc_calls(insns, {KFUNC_MARKS[name]: ids[name] for name in self.plan.kfuncs})
+            self._btf_progs[a.fn] = load_btf_tracepoint(insns, a.fn, ids[typedef],
                                                         lib.bpf_module_license(self._bpf.module) or b"GPL")
             return a
         except EnvironmentProblem as exc:
@@ -154,16 +157,6 @@ class Tracer:
             self.plan.attachments[index] = fallback
             self.plan.reasons.append(f"{exc}; {fallback.fn} on the raw tracepoint instead")
             return fallback
-
-    def _kfunc_ids(self) -> dict[int, int]:
-        """The plan's kfuncs: marker number -> the function's id in the kernel's BTF."""
-        from .bpfsys import KFUNC_MARKS
-        from .btf import KIND_FUNC, type_ids
-        ids = type_ids({name: KIND_FUNC for name in self.plan.kfuncs})
-        missing = [name for name in self.plan.kfuncs if name not in ids]
-        if missing:
-            raise EnvironmentProblem(f"no {', '.join(missing)} in the kernel's BTF")
-        return {KFUNC_MARKS[name]: ids[name] for name in self.plan.kfuncs}
 
     def _close_btf(self) -> None:
         for fd in list(self._btf_links.values()) + list(self._btf_progs.values()):

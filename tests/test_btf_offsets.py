@@ -4,8 +4,7 @@ from pathlib import Path
 import pytest
 
 from routetrace import offsets
-from routetrace.btf import (Btf, KIND_INT, KIND_PTR, KIND_STRUCT, KIND_TYPEDEF, KIND_UNION, VMLINUX_BTF,
-                            tracepoint_type_id)
+from routetrace.btf import Btf, KIND_INT, KIND_PTR, KIND_STRUCT, KIND_TYPEDEF, KIND_UNION, VMLINUX_BTF, type_ids
 from routetrace.errors import EnvironmentProblem
 
 
@@ -102,16 +101,22 @@ def test_a_tracepoint_typedef_is_found_without_parsing_every_type(tmp_path):
     want = b.typedef("btf_trace_net_dev_queue", b.ptr(u32))
     blob = tmp_path / "vmlinux"
     blob.write_bytes(b.blob())
-    assert tracepoint_type_id("net_dev_queue", blob) == want == Btf(b.blob()).by_name["typedef btf_trace_net_dev_queue"]
-    assert tracepoint_type_id("fib_table_lookup", blob) is None
+    typedef = "btf_trace_net_dev_queue"
+    assert type_ids({typedef: KIND_TYPEDEF}, blob) == {typedef: want}
+    assert want == Btf(b.blob()).by_name["typedef " + typedef]
+    # Found by name and kind: a struct of that name would not be it, nor a name the blob lacks.
+    assert type_ids({typedef: KIND_STRUCT, "btf_trace_fib_table_lookup": KIND_TYPEDEF}, blob) == {}
+    assert type_ids({"sk_buff": KIND_STRUCT, typedef: KIND_TYPEDEF}, blob) == {
+        "sk_buff": Btf(b.blob()).by_name["sk_buff"], typedef: want}
     blob.write_bytes(b"\0" * 64)
     with pytest.raises(EnvironmentProblem, match="bad magic"):
-        tracepoint_type_id("net_dev_queue", blob)
+        type_ids({typedef: KIND_TYPEDEF}, blob)
 
 
 @pytest.mark.skipif(not VMLINUX_BTF.exists(), reason="this kernel exposes no BTF")
 def test_the_running_kernels_tracepoint_typedef_is_the_one_the_full_parse_finds():
-    assert tracepoint_type_id("net_dev_queue") == Btf.load().by_name["typedef btf_trace_net_dev_queue"] > 0
+    typedef = "btf_trace_net_dev_queue"
+    assert type_ids({typedef: KIND_TYPEDEF})[typedef] == Btf.load().by_name["typedef " + typedef] > 0
 
 
 @pytest.mark.skipif(not VMLINUX_BTF.exists(), reason="this kernel exposes no BTF")
