@@ -1,14 +1,17 @@
 """Load for the accounting tests and scripts/bench-scale: many distinct UDP flows, fast, bounded.
 
     python -m routetrace.storm DEST FLOWS [--packets N] [--size BYTES] [--sockets S] [--rate FLOWS_PER_S]
-                               [--cpu N] [--until-stopped] [--echo]
+                               [--batch B] [--cpu N] [--until-stopped] [--echo]
 
 Flows are (source port, destination port) pairs: S sockets (S source ports), each sending to
 FLOWS/S destination ports from --base-port on, N datagrams per flow; --rate paces the new flows
 (checked every 500 sends), otherwise as fast as it can. Every datagram is an unconnected sendto,
 so each is its own output route lookup. --cpu pins the sender to one CPU; --until-stopped sends
 the same flows again and again until SIGTERM or SIGINT (a background flood for as long as another
-load runs). --echo sends ICMP echo requests instead (IPv4, a raw socket, so root), the port standing
+load runs). --batch B hands the kernel B datagrams per system call (sendmmsg, each with its own
+destination, so still a route lookup each): a Python loop of sendto calls spends about 2 µs of its
+own per datagram and tops out near 80,000 new flows/s here, which left the 200,000/s the benchmark
+asks about unoffered. --echo sends ICMP echo requests instead (IPv4, a raw socket, so root), the port standing
 for the echo id: the receiver answers each from its softirq. Prints one JSON line: what was sent,
 so a test can compare it with what was traced.
 Runs inside whatever network namespace it is started in; sends only to DEST.
@@ -16,6 +19,8 @@ Runs inside whatever network namespace it is started in; sends only to DEST.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import json
 import os
 import signal
@@ -39,14 +44,76 @@ def echo_request(ident: int, seq: int, payload: bytes) -> bytes:
     return head[:2] + struct.pack("!H", ~total & 0xFFFF) + head[4:]
 
 
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class _Msghdr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.c_void_p),
+                ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                ("flags", ctypes.c_int)]
+
+
+class _Mmsghdr(ctypes.Structure):
+    _fields_ = [("hdr", _Msghdr), ("len", ctypes.c_uint)]
+
+
+class BatchSender:
+    """sendmmsg(2) of one payload to many (address, port) destinations of one family: the
+    destinations' sockaddrs are written into a fixed array, the batch goes in one call."""
+
+    def __init__(self, family: int, dest: str, payload: bytes, batch: int):
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.sendmmsg.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int)
+        if family == socket.AF_INET:
+            # struct sockaddr_in: family (host order), port (network order), address, 8 bytes of zero
+            self._addr_len, head = 16, struct.pack("=H", family)
+            self._tail = socket.inet_pton(family, dest) + bytes(8)
+        else:
+            # struct sockaddr_in6: family, port, flowinfo, address, scope id
+            self._addr_len, head = 28, struct.pack("=H", family)
+            self._tail = bytes(4) + socket.inet_pton(family, dest) + bytes(4)
+        self._head = head
+        self.batch = batch
+        self._payload = ctypes.create_string_buffer(payload, len(payload))
+        self._iov = _Iovec(ctypes.addressof(self._payload), len(payload))
+        self._addrs = ctypes.create_string_buffer(self._addr_len * batch)
+        self._msgs = (_Mmsghdr * batch)()
+        for i, m in enumerate(self._msgs):
+            m.hdr.name = ctypes.addressof(self._addrs) + i * self._addr_len
+            m.hdr.namelen = self._addr_len
+            m.hdr.iov = ctypes.addressof(self._iov)
+            m.hdr.iovlen = 1
+
+    def send(self, fd: int, ports: range) -> tuple[int, int]:
+        """One datagram to each port (at most `batch`): (sent, failed). A datagram the kernel
+        refuses (ENOBUFS, say) is counted as failed and skipped, as a failed sendto is."""
+        head, tail = self._head, self._tail
+        self._addrs[:len(ports) * self._addr_len] = b"".join(head + port.to_bytes(2, "big") + tail for port in ports)
+        sent = failed = done = 0
+        while done < len(ports):
+            n = self._libc.sendmmsg(fd, ctypes.byref(self._msgs, done * ctypes.sizeof(_Mmsghdr)), len(ports) - done, 0)
+            if n < 0:
+                if ctypes.get_errno() == errno.EINTR:
+                    continue
+                failed += 1
+                done += 1
+            else:
+                sent += n
+                done += n
+        return sent, failed
+
+
 def storm(dest: str, flows: int, packets: int = 1, size: int = 1, sockets: int = 0,
-          base_port: int = 20000, rate: float = 0, until_stopped: bool = False, echo: bool = False) -> dict:
+          base_port: int = 20000, rate: float = 0, until_stopped: bool = False, echo: bool = False,
+          batch: int = 0) -> dict:
     family = socket.AF_INET6 if ":" in dest else socket.AF_INET
     if echo and family != socket.AF_INET:
         raise ValueError("--echo is IPv4 only")
     per_socket = min(flows, 65535 - base_port) if sockets == 0 else -(-flows // sockets)
     socks = []
     payload = b"r" * size
+    batcher = BatchSender(family, dest, payload, batch) if batch > 1 and not echo else None
     sent = errors = rounds = 0
     start = time.perf_counter()
     try:
@@ -64,6 +131,16 @@ def storm(dest: str, flows: int, packets: int = 1, size: int = 1, sockets: int =
                 s = socks[index]
                 n = min(per_socket, remaining)
                 for _ in range(packets):
+                    if batcher is not None:
+                        for first in range(base_port, base_port + n, batch):
+                            ok, failed = batcher.send(s.fileno(), range(first, min(first + batch, base_port + n)))
+                            sent, errors = sent + ok, errors + failed
+                            if rate:
+                                done = rounds * flows + flows - remaining + min(first + batch, base_port + n) - base_port
+                                ahead = done / rate - (time.perf_counter() - start)
+                                if ahead > 0:
+                                    time.sleep(ahead)
+                        continue
                     for port in range(base_port, base_port + n):
                         try:
                             if echo:
@@ -105,6 +182,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--sockets", type=int, default=0)
     p.add_argument("--base-port", type=int, default=20000)
     p.add_argument("--rate", type=float, default=0, help="new flows per second (default: as fast as possible)")
+    p.add_argument("--batch", type=int, default=0,
+                   help="datagrams per sendmmsg call (UDP; default: one sendto each)")
     p.add_argument("--cpu", type=int, default=None, help="run only on this CPU")
     p.add_argument("--until-stopped", action="store_true",
                    help="repeat the flows until SIGTERM or SIGINT, then print what was sent")
@@ -115,7 +194,8 @@ def main(argv: list[str]) -> int:
     if a.until_stopped:
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
-    print(json.dumps(storm(a.dest, a.flows, a.packets, a.size, a.sockets, a.base_port, a.rate, a.until_stopped, a.echo)),
+    print(json.dumps(storm(a.dest, a.flows, a.packets, a.size, a.sockets, a.base_port, a.rate, a.until_stopped, a.echo,
+                                 a.batch)),
           flush=True)
     return 0
 
