@@ -59,32 +59,39 @@ class Aggregate:
 DEFAULT_KEEP_FLOWS = 20000
 
 
-class RecentKeys:
-    """The last `size` key hashes added, for membership: a set and a ring of the same hashes
-    (a few hundred thousand of them cost ~60 bytes each, an OrderedDict twice that)."""
+class RecentFolds:
+    """The last `size` folded flows, for membership: each flow key's hash, with the aggregate
+    its device's counts were folded into (or None). A set-like dict and a ring of the same
+    hashes: a few hundred thousand cost ~70 bytes each (the aggregate keys are shared)."""
 
     def __init__(self, size: int):
         self._ring = array("q", bytes(8 * size)) if size else array("q")
         self._next = 0
         self._filled = False
-        self._members: set[int] = set()
+        self._members: dict[int, AggregateKey | None] = {}
 
-    def add(self, h: int) -> None:
+    def add(self, h: int, aggregate: AggregateKey | None = None) -> None:
         if not self._ring:
             return
         if self._filled:
-            self._members.discard(self._ring[self._next])
+            self._members.pop(self._ring[self._next], None)
         self._ring[self._next] = h
-        self._members.add(h)
+        self._members[h] = aggregate
         self._next += 1
         if self._next == len(self._ring):
             self._next, self._filled = 0, True
+
+    def aggregate(self, h: int) -> AggregateKey | None:
+        return self._members.get(h)
 
     def __contains__(self, h: int) -> bool:
         return h in self._members
 
     def __len__(self) -> int:
         return len(self._members)
+
+
+_new_tuple = tuple.__new__      # an AggregateKey from a tuple, without the namedtuple's Python-level __new__
 
 
 class FlowTable:
@@ -105,7 +112,7 @@ class FlowTable:
         self.on_fold = None              # callback(flow): the recorder writes it down
         # Keys of recently folded flows (hashes, a few times the limit): a folded flow that
         # sends again adds to its aggregate instead of coming back as a new row.
-        self._recent_folds = RecentKeys(max(4 * limit, remember_folds) if limit else 0)
+        self._recent_folds = RecentFolds(max(4 * limit, remember_folds) if limit else 0)
         self._changed_aggregates: set[AggregateKey] = set()   # since take_changed_aggregates()
 
     def update(self, flow: Flow) -> bool:
@@ -143,6 +150,24 @@ class FlowTable:
             self._flows.move_to_end(key)
         return True
 
+    def add_folded_counts(self, key: FlowKey, ifindex: int, counts: tuple[int, int, int, int]) -> bool:
+        """The drain's fast path for a flow folded before its counts came (in a storm, most
+        flows: the table passes its limit before the next drain): the counts go to the
+        aggregate its device was folded into, with nothing decoded. False when the flow is not
+        remembered with that device (then `add` with the decoded entry)."""
+        aggregate_key = self._recent_folds.aggregate(hash(key)) if self.folded else None
+        if aggregate_key is None or aggregate_key[7] != ifindex:
+            return False
+        agg = self.aggregates.get(aggregate_key)
+        if agg is None:
+            return False
+        packets, nbytes, segments, _fragments = counts
+        agg.packets += packets
+        agg.segments += segments
+        agg.bytes += nbytes
+        self._changed_aggregates.add(aggregate_key)
+        return True
+
     def add(self, part: Flow, continued: bool, now_ns: int) -> Flow | None:
         """Counts of one drained (flow, device) entry. Returns the flow when it is new to the
         table (its notice was late or lost: stream it now). A continued entry whose flow was
@@ -164,17 +189,23 @@ class FlowTable:
     def _fold_overflow(self) -> None:
         while self.limit is not None and len(self._flows) > self.limit:
             key, flow = self._flows.popitem(last=False)
-            self._fold_counts(flow, new_flow=True)
+            first = self._fold_counts(flow, new_flow=True)
             self.folded += 1
-            self._recent_folds.add(hash(key))
+            # Counts drained later for its device go straight to that aggregate -- unless the
+            # flow had no route yet (a later entry may bring one: `add` decodes it).
+            self._recent_folds.add(hash(key), first if flow.route_type is not None else None)
             if self.on_fold:
                 self.on_fold(flow)
 
-    def _fold_counts(self, flow: Flow, new_flow: bool) -> None:
-        for dev in devices_of(flow) or [{"ifindex": 0, "name": "", "loopback": False, "packets": 0,
-                                         "segments": 0, "bytes": 0}]:
-            key = AggregateKey(flow.netns, flow.family, flow.proto, flow.daddr, flow.route_type or "-",
-                               flow.route_dev or "-", dev["name"], dev["ifindex"] or 0, bool(dev["loopback"]))
+    def _fold_counts(self, flow: Flow, new_flow: bool) -> AggregateKey | None:
+        """Add the flow's counts to the aggregates of its devices; the first device's aggregate
+        key, or None when the flow has more than one device or none."""
+        devices = devices_of(flow)
+        for dev in devices or [{"ifindex": 0, "name": "", "loopback": False, "packets": 0,
+                                "segments": 0, "bytes": 0}]:
+            key = _new_tuple(AggregateKey, (flow.netns, flow.family, flow.proto, flow.daddr, flow.route_type or "-",
+                                            flow.route_dev or "-", dev["name"], dev["ifindex"] or 0,
+                                            bool(dev["loopback"])))
             agg = self.aggregates.get(key)
             if agg is None:
                 agg = self.aggregates[key] = Aggregate(key, fib_dev=flow.fib_dev)
@@ -183,6 +214,7 @@ class FlowTable:
             agg.packets += dev["packets"]
             agg.segments += dev["segments"]
             agg.bytes += dev["bytes"]
+        return key if len(devices) == 1 else None
 
     def take_changed_aggregates(self) -> list[Aggregate]:
         """Aggregates changed since the last call (the recorder writes them down)."""

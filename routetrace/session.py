@@ -207,7 +207,7 @@ class Session:
 
     def _process_chunk(self, keys: bytes, values: bytes, now: int) -> int:
         table, recorder, backend = self.table, self.recorder, self.plan.backend
-        add_counts = table.add_counts
+        add_counts, add_folded_counts = table.add_counts, table.add_folded_counts
         vsize = VALUE_STRUCT.size
         new = []
         for i, (raw_key, counts) in enumerate(zip(KEY_STRUCT.iter_unpack(keys), VALUE_COUNTS_STRUCT.iter_unpack(values))):
@@ -215,6 +215,8 @@ class Session:
             if add_counts(key, raw_key[1], counts, now):
                 if recorder:
                     self._dirty[key] = table.get(key)
+                continue
+            if add_folded_counts(key, raw_key[1], counts):
                 continue
             part, continued = decode_unpacked(raw_key + VALUE_STRUCT.unpack_from(values, i * vsize), backend, key)
             flow = table.add(part, continued, now)

@@ -95,6 +95,48 @@ def test_table_folds_past_its_limit_and_the_counts_still_add_up():
     assert v.holds is None and v.destinations[0].loopback_packets == total + 4
 
 
+def _port_entry(port, **kw):
+    key, value = kernel_entry(**kw)
+    return key[:40] + (40000 + port).to_bytes(2, "little") + key[42:], value
+
+
+def test_counts_of_folded_flows_reach_the_aggregate_their_device_was_folded_into():
+    """A storm's order: notices (no counts) fill the table past its limit, then the drain brings
+    the counts. Those of a remembered flow on its folded device take the fast path; another
+    device, or a flow folded before it had a route, is decoded; the totals are the same as if
+    every entry were decoded."""
+    def run(fast: bool) -> tuple[FlowTable, int]:
+        table = FlowTable(limit=2)
+        taken = 0
+        notices = [_port_entry(p, packets=0, **({"route_src": 0, "flags": 0x04} if p == 1 else {})) for p in range(6)]
+        for key, value in notices:
+            part, _ = decode_entry(key, value, "tracepoint")
+            assert table.notice(part)
+        assert table.folded == 4 and len(table) == 2
+        drained = [_port_entry(p, packets=p + 1) for p in range(6)] + [_port_entry(0, packets=7, ifindex=3, dev=b"veth0",
+                                                                                  flags=0x01)]
+        for key, value in drained:
+            part, continued = decode_entry(key, value, "tracepoint")
+            counts = (part.packets, part.bytes, part.segments, part.fragments)
+            if fast and table.add_folded_counts(part.key, part.devices[0]["ifindex"], counts):
+                taken += 1
+                continue
+            if not table.add_counts(part.key, part.devices[0]["ifindex"], counts, 0):
+                assert table.add(part, continued, 0) is None         # nothing is new: no second stream
+        return table, taken
+
+    slow, _ = run(fast=False)
+    fast, taken = run(fast=True)
+    assert taken == 3                      # ports 0, 2, 3 on lo; not port 1 (no route then), not veth0
+    def summary(table):
+        return sorted((a.key, a.flows, a.packets, a.bytes, a.segments) for a in table.aggregates.values())
+    assert summary(fast) == summary(slow)
+    assert fast.packets == slow.packets == sum(range(1, 7)) + 7
+    lo = next(a for a in fast.aggregates.values() if a.key.dev == "lo" and a.key.route_type == "LOCAL")
+    assert (lo.flows, lo.packets) == (3, 1 + 2 + 3 + 4)    # port 1 folded with no route: its counts, decoded, too
+    assert fast.take_changed_aggregates() and not fast.take_changed_aggregates()
+
+
 def test_recorded_trace_gives_the_same_verdict_offline(recorded):
     objs, flows = recorded
     v = verdict(flows, own)
