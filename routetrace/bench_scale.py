@@ -120,11 +120,99 @@ def run_case(name, flows, per_flow, procs, extra, rate: float = 0) -> dict:
     }
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all CPUs spent not idle since boot (/proc/stat: user, nice, system, irq,
+    softirq, steal; guest time is inside user)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+BUDGET_FLOWS = 300_000
+BUDGET_RATE = 200_000
+
+
+def run_budget(flows: int = BUDGET_FLOWS, traced: bool = True) -> dict:
+    """Where a storm's CPU goes, machine-wide: one sender as fast as it goes (batched), untraced
+    or under `watch --json`. The senders' process, the session's, and the rest (the kernel's
+    softirq work on the receiving side, kernel threads), from /proc, until 2 s after the last
+    datagram (the session catching up included)."""
+    import resource
+    with Sandbox() as sb:
+        subprocess.run(["ip", "netns", "exec", sb.host, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"], check=True)
+        subprocess.run(["ip", "netns", "exec", sb.host, sys.executable, "-c",
+                        f"import socket, time; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'w', "
+                        f"('{sb.peer_addr}', 9)); time.sleep(0.3)"], check=True)
+        watch = summary = None
+        if traced:
+            watch = subprocess.Popen([sys.executable, "-m", "routetrace", "watch", "--netns", sb.host, "--json"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            last = {"line": ""}
+
+            def consume():
+                for line in watch.stdout:
+                    last["line"] = line
+            reader = threading.Thread(target=consume, daemon=True)
+            reader.start()
+            head = watch.stderr.readline()
+            if "Tracing" not in head:
+                raise SystemExit(f"watch did not start: {head}{watch.stderr.read()}")
+            threading.Thread(target=watch.stderr.read, daemon=True).start()
+            session0 = cpu_seconds(watch.pid)
+        children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        busy0 = machine_busy_s()
+        start = time.perf_counter()
+        sender = subprocess.run(["ip", "netns", "exec", sb.host, sys.executable, "-m", "routetrace.storm",
+                                 sb.peer_addr, str(flows), "--base-port", "1024", "--sockets",
+                                 str(-(-flows // 60000)), "--batch", str(STORM_BATCH)],
+                                capture_output=True, text=True, check=True)
+        storm_s = time.perf_counter() - start
+        time.sleep(2)
+        busy = machine_busy_s() - busy0
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        sender_s = (children.ru_utime - children0.ru_utime) + (children.ru_stime - children0.ru_stime)
+        session_s = 0.0
+        if watch is not None:
+            session_s = cpu_seconds(watch.pid) - session0
+            watch.send_signal(signal.SIGINT)
+            watch.wait(timeout=600)
+            reader.join(60)
+            summary = json.loads(last["line"])
+    sent = json.loads(sender.stdout)["sent"]
+    return {"traced": traced, "flows": flows, "sent": sent, "new_flows_per_s": flows / storm_s,
+            "machine_cpu_s": busy, "sender_cpu_s": sender_s, "session_cpu_s": session_s,
+            "rest_cpu_s": busy - sender_s - session_s,
+            "notices_dropped": summary["lost"]["events_dropped"] if summary else None,
+            "packets_lost": summary["lost"]["packets_lost"] if summary else None}
+
+
+def budget_report(untraced: dict, traced: dict, cpus: int, rate: int = BUDGET_RATE) -> str:
+    """The table of both runs, then what it means for `rate` new flows/s on `cpus` CPUs."""
+    def us(r, k):
+        return 1e6 * r[k] / r["flows"]
+    rows = [(("traced (watch --json)" if r["traced"] else "untraced"), f"{r['new_flows_per_s']:.0f}",
+             f"{us(r, 'machine_cpu_s'):.2f}", f"{us(r, 'sender_cpu_s'):.2f}", f"{us(r, 'rest_cpu_s'):.2f}",
+             f"{us(r, 'session_cpu_s'):.2f}", "-" if r["notices_dropped"] is None else r["notices_dropped"])
+            for r in (untraced, traced)]
+    table = tabulate(rows, headers=("RUN", "NEW FLOWS/S", "MACHINE µs/FLOW", "SENDER µs/FLOW", "OTHER µs/FLOW",
+                                    "SESSION µs/FLOW", "NOTICES DROPPED"), disable_numparse=True)
+    kernel = (traced["machine_cpu_s"] - traced["session_cpu_s"]) / traced["flows"]      # all but the session
+    session = traced["session_cpu_s"] / traced["flows"]
+    left = cpus - rate * kernel
+    return (f"{table}\n"
+            f"At {rate:,} new flows/s the traced senders and kernel alone take {rate * kernel:.2f} of {cpus} CPUs, "
+            f"leaving {1e6 * max(left, 0) / rate:.2f} µs of CPU per new flow for the session, "
+            f"which spent {1e6 * session:.2f}; these {cpus} CPUs carry at most {cpus / (kernel + session):,.0f} "
+            f"new flows/s traced.")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="bench-scale")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--case", action="append", help="run only cases whose name contains this")
+    ap.add_argument("--budget", action="store_true",
+                    help="where a storm's CPU goes, untraced and traced, and what is left per new flow at 200,000/s")
     ap.add_argument("--sweep", action="store_true",
                     help="paced storms at rising rates instead of the cases (--case 25000,50000: these rates)")
     args = ap.parse_args()
@@ -134,6 +222,13 @@ def main() -> int:
         args.case = None
         cases = [(f"paced {rate // 1000}k/s x {SWEEP_SECONDS} s", rate * SWEEP_SECONDS, 1, 2, [], rate)
                  for rate in rates]
+    if args.budget:
+        untraced, traced = run_budget(traced=False), run_budget(traced=True)
+        if args.json:
+            print(json.dumps(untraced), json.dumps(traced), sep="\n")
+        else:
+            print(budget_report(untraced, traced, os.cpu_count() or 1))
+        return 0
     previous = STATS_SYSCTL.read_text().strip()
     STATS_SYSCTL.write_text("1")
     rows = []

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from routetrace import kernel, netns, probes
+from routetrace.bench import bpf_stats_enabled
 from routetrace.events import decode_entry
 from routetrace.tracer import Tracer
 
@@ -79,7 +80,9 @@ def test_the_typed_and_the_raw_hook_count_the_same_packets_the_same_way(sandbox,
     assert typed_plan.kfuncs == (["bpf_rdonly_cast"] if facts.packet_casts else [])
     if os.environ.get("CI") and not facts.packet_casts:
         pytest.fail("this kernel does not take bpf_rdonly_cast in a BTF-typed tracepoint program")
-    with Tracer(typed_plan, headers) as typed, Tracer(raw_plan, headers) as raw:
+    # run_cnt moves only with kernel.bpf_stats_enabled=1: set here, not left to whatever ran before.
+    with bpf_stats_enabled() as enabled, Tracer(typed_plan, headers) as typed, Tracer(raw_plan, headers) as raw:
+        assert enabled, "kernel.bpf_stats_enabled cannot be set: runs would not be counted"
         assert typed.plan.attachments[-1].kind == "btf_tracepoint", typed.plan.reasons
         assert raw.plan.attachments[-1].kind == "raw_tracepoint"
         out = subprocess.run(["ip", "netns", "exec", sandbox.host, sys.executable, "-c", TRAFFIC,
