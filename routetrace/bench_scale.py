@@ -179,7 +179,9 @@ def run_budget(flows: int = BUDGET_FLOWS, traced: bool = True) -> dict:
             reader.join(60)
             summary = json.loads(last["line"])
     sent = json.loads(sender.stdout)["sent"]
-    return {"traced": traced, "flows": flows, "sent": sent, "new_flows_per_s": flows / storm_s,
+    programs = {p["name"]: p for p in (summary or {}).get("programs", [])}
+    ns = {name: p["run_time_ns"] / p["run_cnt"] for name, p in programs.items() if p["run_cnt"] and p["run_time_ns"]}
+    return {"traced": traced, "ns_per_run": ns, "flows": flows, "sent": sent, "new_flows_per_s": flows / storm_s,
             "machine_cpu_s": busy, "sender_cpu_s": sender_s, "session_cpu_s": session_s,
             "rest_cpu_s": busy - sender_s - session_s,
             "notices_dropped": summary["lost"]["events_dropped"] if summary else None,
