@@ -157,7 +157,8 @@ def watch(pid, port, host, ipv4, ipv6, netns_spec, as_json, duration, record, fo
     limits = probes.Limits(max_flows=max_flows, ring_pages=ring_pages, kretprobe_maxactive=kretprobe_maxactive)
     if dry_run:
         facts = kernel.gather(prepare_headers=os.geteuid() == 0)
-        click.echo(probes.choose(facts, filters, backend, limits).render())
+        plan = probes.choose(facts, filters, backend, limits)
+        click.echo(plan.render(cannot_see=facts.limits(plan.backend).values()))
         return
     plan, headers = _prepare("watch", filters, backend, limits)
     result = run_watch(plan, headers, as_json=as_json, duration=duration, record=record, force=force,
@@ -420,9 +421,7 @@ def doctor(as_json, backend):
     except RoutetraceError as exc:
         problems.append(str(exc))
     else:
-        click.echo("\n" + plan.render())
-        for statement in facts.limits(plan.backend).values():
-            click.echo(f"  cannot see: {statement}")
+        click.echo("\n" + plan.render(cannot_see=facts.limits(plan.backend).values()))
     if problems:
         raise EnvironmentProblem("cannot trace here: " + "; ".join(problems))
 

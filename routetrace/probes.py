@@ -9,6 +9,7 @@ import platform
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from .btf import Btf
 from .errors import EnvironmentProblem, UsageError
@@ -140,14 +141,19 @@ class AttachPlan:
         main file, so the shared code cannot be an #include. #line keeps errors pointing home."""
         return "".join(f'#line 1 "{p}"\n{p.read_text()}\n' for p in self.sources)
 
-    def render(self) -> str:
+    def render(self, cannot_see: Iterable[str] = ()) -> str:
+        """The plan as doctor and --dry-run print it; `cannot_see`: statements of what it cannot see
+        on this kernel (KernelFacts.limits), each said once, as that -- a reason that says the
+        same (the plan's reasons carry the blind spots too) is not repeated."""
+        cannot_see = list(cannot_see)
         lines = [f"attach plan: {self.backend}"]
         lines += [f"  {a.kind:<11} {a.target:<26} -> {a.fn}" + (f" (maxactive {a.maxactive})" if a.maxactive else "")
                   for a in self.attachments]
-        lines += [f"  because {r}" for r in self.reasons]
+        lines += [f"  because {r}" for r in self.reasons if r not in cannot_see]
         lines.append(f"  sources: {', '.join(p.name for p in self.sources)}")
         lines.append(f"  filters: {self.filters.text()}")
         lines.append(f"  limits: {self.limits.max_flows} flows per map (x2), ring {self.limits.ring_pages} pages")
+        lines += [f"  cannot see: {statement}" for statement in cannot_see]
         lines.append("offsets:")
         lines += [f"  {o.define:<24} {o.path:<34} {o.value:>6}  ({o.source})" for o in self.offsets]
         return "\n".join(lines)

@@ -17,14 +17,16 @@ def captured(monkeypatch):
     seen = {}
 
     class Plan:
-        def render(self):
+        backend = "tracepoint"
+
+        def render(self, cannot_see=()):
             return "plan"
 
     def choose(_facts, filters, backend="auto", limits=None):
         seen["filters"], seen["backend"], seen["limits"] = filters, backend, limits
         return Plan()
 
-    monkeypatch.setattr(kernel, "gather", lambda **_: None)
+    monkeypatch.setattr(kernel, "gather", lambda **_: SimpleNamespace(limits=lambda backend: {}))
     monkeypatch.setattr(probes, "choose", choose)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(cli, "_prepare", lambda command, filters, backend="auto", limits=None: (filters, None))
@@ -179,3 +181,22 @@ def test_doctor_shows_the_plan_of_the_backend_asked_for_and_what_it_cannot_see(m
     assert "attach plan: kprobe" in result.output and kprobe_blind_spot in result.output, result.output
     result = CliRunner().invoke(cli.cli, ["doctor", "--backend", "tracepoint"])
     assert "attach plan: tracepoint" in result.output and kprobe_blind_spot not in result.output, result.output
+
+
+def test_doctor_and_dry_run_say_each_blind_spot_once_and_before_the_offsets(monkeypatch):
+    """The sandbox kernel's PID 1 skip is a reason of the plan and a thing it cannot see: said
+    once, inside the plan, not again under the offsets table."""
+    import json
+    from pathlib import Path
+    from click.testing import CliRunner
+    from routetrace.kernel import KernelFacts
+    fixture = Path(__file__).parent / "fixtures" / "kernel-facts" / "6.18.44-fc-v669.json"
+    facts = KernelFacts.from_dict(json.loads(fixture.read_text()))
+    monkeypatch.setattr(kernel, "gather", lambda **kw: facts)
+    monkeypatch.setattr(kernel, "mount_tracefs", lambda: None)
+    pid1 = facts.limits("tracepoint")["pid1"]
+    for args in (["doctor", "--backend", "tracepoint"], ["watch", "--dry-run", "--backend", "tracepoint"]):
+        result = CliRunner().invoke(cli.cli, args)
+        assert "attach plan: tracepoint" in result.output, result.output
+        assert result.output.count(pid1) == 1, result.output
+        assert result.output.index(pid1) < result.output.index("\noffsets:"), result.output
