@@ -21,7 +21,7 @@ import time
 
 from .events import KEY_STRUCT, NOTICE_BYTES, VALUE_STRUCT, LossCounters
 from .probes import Limits
-from .render import flow_json_line
+from .render import live_flow_json_line
 from .ringbuf import MemoryRing, record_stride
 from .session import Session
 from .tracer import Tracer
@@ -75,7 +75,7 @@ class Plan:
 def session(kernel_entries, out: io.StringIO, ring: MemoryRing | None = None) -> Session:
     s = Session(Plan(), None, addresses=lambda inode: set())
     s._tracer = FakeTracer(kernel_entries, ring)
-    s.on_flows = lambda flows: out.write("".join(flow_json_line(f) + "\n" for f in flows))
+    s.on_flows = lambda flows: out.write("".join(live_flow_json_line(f) + "\n" for f in flows))
     return s
 
 

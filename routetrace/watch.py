@@ -12,7 +12,7 @@ from .record import TraceWriter
 from . import metrics as metrics_mod
 from . import netns, privileges
 from .flows import DEFAULT_KEEP_FLOWS
-from .render import (STREAM_HEADER, clock_offset_ns, flow_json_line, json_line, loss_object, losses_line, stream_line,
+from .render import (STREAM_HEADER, clock_offset_ns, json_line, live_flow_json_line, loss_object, losses_line, stream_line,
                      summary_object, summary_text, write_stream)
 from .session import Session, TraceResult
 from .tracer import kprobe_pmu
@@ -38,7 +38,8 @@ def watch(plan: AttachPlan, headers_path, *, as_json: bool = False, duration: fl
     def emit(flows):
         # One write per batch: a storm of new flows must not cost a system call each.
         if flows:
-            write("".join((flow_json_line(f) if as_json else stream_line(f, offset)) + "\n" for f in flows))
+            # The session's own flows: live_flow_json_line may skip the checks a file's flow needs.
+            write("".join((live_flow_json_line(f) if as_json else stream_line(f, offset)) + "\n" for f in flows))
 
     def lost(losses):
         # Live, in the stream itself: the first loss and every growth are visible as they happen.
