@@ -84,7 +84,7 @@ class Session:
         # remember that many folds.
         self.table = FlowTable(keep_flows, remember_folds=(3 + BACKLOG_MAPS) * limits.max_flows
                                + ring_notices(limits.ring_pages))
-        self.table.on_fold = self._folded
+        self.table.on_fold = self._folded if recorder else None     # only the recorder needs to hear of a fold
         self.own = OwnAddresses(self._learned if recorder else None, addresses)
         self._tracer: Tracer | None = None
         self._last_record = 0.0
