@@ -56,29 +56,48 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def prepare(sb: Sandbox) -> None:
+    """IPv4 only in the sandbox, and the peer's address resolved before anything is counted."""
+    subprocess.run(["ip", "netns", "exec", sb.host, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"], check=True)
+    subprocess.run(["ip", "netns", "exec", sb.host, sys.executable, "-c",
+                    f"import socket, time; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'w', "
+                    f"('{sb.peer_addr}', 9)); time.sleep(0.3)"], check=True)
+
+
+class Watch:
+    """`routetrace watch --netns NS --json` running, read by a consumer that keeps up (as a
+    terminal or `| jq` would): it counts the flow lines and keeps the last line (the summary)."""
+
+    def __init__(self, ns: str, extra=()):
+        self.proc = subprocess.Popen([sys.executable, "-m", "routetrace", "watch", "--netns", ns, "--json", *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.pid = self.proc.pid
+        self.streamed, self.last = 0, ""
+        self._reader = threading.Thread(target=self._consume, daemon=True)
+        self._reader.start()
+        head = self.proc.stderr.readline()
+        if "Tracing" not in head:
+            raise SystemExit(f"watch did not start: {head}{self.proc.stderr.read()}")
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()
+
+    def _consume(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith('{"type":"flow"'):
+                self.streamed += 1
+            self.last = line
+
+    def stop(self) -> dict:
+        """Ctrl-C, then its summary."""
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=600)
+        self._reader.join(60)
+        return json.loads(self.last)
+
+
 def run_case(name, flows, per_flow, procs, extra, rate: float = 0) -> dict:
     with Sandbox() as sb:
-        subprocess.run(["ip", "netns", "exec", sb.host, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"], check=True)
-        subprocess.run(["ip", "netns", "exec", sb.host, sys.executable, "-c",
-                        f"import socket, time; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'w', "
-                        f"('{sb.peer_addr}', 9)); time.sleep(0.3)"], check=True)
-        watch = subprocess.Popen([sys.executable, "-m", "routetrace", "watch", "--netns", sb.host, "--json", *extra],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        counted = {"streamed": 0, "last": ""}
-
-        def consume():
-            # A consumer that keeps up, as a terminal or `| jq` would.
-            for line in watch.stdout:
-                if line.startswith('{"type":"flow"'):
-                    counted["streamed"] += 1
-                counted["last"] = line
-        reader = threading.Thread(target=consume, daemon=True)
-        reader.start()
-        head = watch.stderr.readline()
-        if "Tracing" not in head:
-            raise SystemExit(f"watch did not start: {head}{watch.stderr.read()}")
-        err_lines: list[str] = []
-        threading.Thread(target=lambda: err_lines.extend(watch.stderr), daemon=True).start()
+        prepare(sb)
+        watch = Watch(sb.host, extra)
         attached = proc_status(watch.pid)
         cpu0 = cpu_seconds(watch.pid)
         before = handed(sb.host)
@@ -97,11 +116,8 @@ def run_case(name, flows, per_flow, procs, extra, rate: float = 0) -> dict:
         after = handed(sb.host)
         peak = proc_status(watch.pid)
         cpu1 = cpu_seconds(watch.pid)
-        watch.send_signal(signal.SIGINT)
-        watch.wait(timeout=600)
-        reader.join(60)
-        streamed = counted["streamed"]
-        summary = json.loads(counted["last"])
+        summary = watch.stop()
+        streamed = watch.streamed
     lost, acc = summary["lost"], summary["accounted"]
     programs = {p["name"]: p for p in summary.get("programs", [])}
     xmit = next((p for n, p in programs.items() if "xmit" in n or "net_dev_queue" in n), None)
@@ -139,25 +155,10 @@ def run_budget(flows: int = BUDGET_FLOWS, traced: bool = True) -> dict:
     datagram (the session catching up included)."""
     import resource
     with Sandbox() as sb:
-        subprocess.run(["ip", "netns", "exec", sb.host, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"], check=True)
-        subprocess.run(["ip", "netns", "exec", sb.host, sys.executable, "-c",
-                        f"import socket, time; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'w', "
-                        f"('{sb.peer_addr}', 9)); time.sleep(0.3)"], check=True)
+        prepare(sb)
         watch = summary = None
         if traced:
-            watch = subprocess.Popen([sys.executable, "-m", "routetrace", "watch", "--netns", sb.host, "--json"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            last = {"line": ""}
-
-            def consume():
-                for line in watch.stdout:
-                    last["line"] = line
-            reader = threading.Thread(target=consume, daemon=True)
-            reader.start()
-            head = watch.stderr.readline()
-            if "Tracing" not in head:
-                raise SystemExit(f"watch did not start: {head}{watch.stderr.read()}")
-            threading.Thread(target=watch.stderr.read, daemon=True).start()
+            watch = Watch(sb.host)
             session0 = cpu_seconds(watch.pid)
         children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         busy0 = machine_busy_s()
@@ -174,10 +175,7 @@ def run_budget(flows: int = BUDGET_FLOWS, traced: bool = True) -> dict:
         session_s = 0.0
         if watch is not None:
             session_s = cpu_seconds(watch.pid) - session0
-            watch.send_signal(signal.SIGINT)
-            watch.wait(timeout=600)
-            reader.join(60)
-            summary = json.loads(last["line"])
+            summary = watch.stop()
     sent = json.loads(sender.stdout)["sent"]
     programs = {p["name"]: p for p in (summary or {}).get("programs", [])}
     ns = {name: p["run_time_ns"] / p["run_cnt"] for name, p in programs.items() if p["run_cnt"] and p["run_time_ns"]}
