@@ -61,8 +61,8 @@ DEFAULT_KEEP_FLOWS = 20000
 
 class RecentFolds:
     """The last `size` folded flows, for membership: each flow key's hash, with the aggregate
-    its device's counts were folded into (or None). A set-like dict and a ring of the same
-    hashes: a few hundred thousand cost ~70 bytes each (the aggregate keys are shared)."""
+    its device's counts were folded into (or None). A dict and a ring of the same hashes: a few
+    hundred thousand cost about 90 bytes each (the aggregate keys are the aggregates' own, shared)."""
 
     def __init__(self, size: int):
         self._ring = array("q", bytes(8 * size)) if size else array("q")
@@ -154,9 +154,14 @@ class FlowTable:
         """The drain's fast path for a flow folded before its counts came (in a storm, most
         flows: the table passes its limit before the next drain): the counts go to the
         aggregate its device was folded into, with nothing decoded. False when the flow is not
-        remembered with that device (then `add` with the decoded entry)."""
+        remembered with that device (then `add` with the decoded entry). The route is the one
+        the flow was folded with, as for a flow still in the table (merge_into keeps its first
+        route): a later epoch's entry that reports another route adds to the same aggregate."""
         aggregate_key = self._recent_folds.aggregate(hash(key)) if self.folded else None
-        if aggregate_key is None or aggregate_key[7] != ifindex:
+        # The same device, namespace, protocol and destination: a flow whose key merely hashes
+        # alike goes the decoded way, never into another destination's aggregate.
+        if (aggregate_key is None or aggregate_key[7] != ifindex or aggregate_key[0] != key[0]
+                or aggregate_key[2] != key[1] or aggregate_key[3] != key[4]):
             return False
         agg = self.aggregates.get(aggregate_key)
         if agg is None:
@@ -214,7 +219,8 @@ class FlowTable:
             agg.packets += dev["packets"]
             agg.segments += dev["segments"]
             agg.bytes += dev["bytes"]
-        return key if len(devices) == 1 else None
+        # The aggregate's own key: remembered folds share it instead of keeping a copy each.
+        return agg.key if len(devices) == 1 else None
 
     def take_changed_aggregates(self) -> list[Aggregate]:
         """Aggregates changed since the last call (the recorder writes them down)."""

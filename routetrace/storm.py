@@ -5,15 +5,16 @@
 
 Flows are (source port, destination port) pairs: S sockets (S source ports), each sending to
 FLOWS/S destination ports from --base-port on, N datagrams per flow; --rate paces the new flows
-(checked every 500 sends), otherwise as fast as it can. Every datagram is an unconnected sendto,
-so each is its own output route lookup. --cpu pins the sender to one CPU; --until-stopped sends
-the same flows again and again until SIGTERM or SIGINT (a background flood for as long as another
-load runs). --batch B hands the kernel B datagrams per system call (sendmmsg, each with its own
-destination, so still a route lookup each): a Python loop of sendto calls spends about 2 µs of its
-own per datagram and tops out near 80,000 new flows/s here, which left the 200,000/s the benchmark
-asks about unoffered. --echo sends ICMP echo requests instead (IPv4, a raw socket, so root), the port standing
-for the echo id: the receiver answers each from its softirq. Prints one JSON line: what was sent,
-so a test can compare it with what was traced.
+(checked every 500 sends, or every batch), otherwise as fast as it can. Every datagram is sent
+unconnected, so each is its own output route lookup: one sendto each, or with --batch B, B per
+sendmmsg call, each with its own destination (a Python loop of sendto calls spends about 2 µs of
+its own per datagram and tops out near 80,000 new flows/s here, below the rates the benchmark
+asks about). --cpu pins the sender to one CPU; --until-stopped sends the same flows again and
+again until SIGTERM or SIGINT (a background flood for as long as another load runs): the signal
+is acted on between sends, so every datagram sent is counted. --echo sends ICMP echo requests
+instead (IPv4, a raw socket, so root), the port standing for the echo id: the receiver answers
+each from its softirq. Prints one JSON line: what was sent, so a test can compare it with what
+was traced.
 Runs inside whatever network namespace it is started in; sends only to DEST.
 """
 from __future__ import annotations
@@ -31,7 +32,12 @@ import time
 
 
 class _Stopped(Exception):
-    """SIGTERM or SIGINT during --until-stopped."""
+    """Raised by the send loops themselves, between sends, once SIGTERM or SIGINT came during
+    --until-stopped (the handler only sets _stopping: raised from inside a send, it would lose
+    the count of datagrams already handed to the kernel)."""
+
+
+_stopping = False
 
 
 def echo_request(ident: int, seq: int, payload: bytes) -> bytes:
@@ -65,15 +71,18 @@ class BatchSender:
     def __init__(self, family: int, dest: str, payload: bytes, batch: int):
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.sendmmsg.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int)
+        # The address as sendto would take it (a name, an IPv6 scope such as %eth0).
+        address = socket.getaddrinfo(dest, None, family, socket.SOCK_DGRAM)[0][4]
+        self._head = struct.pack("=H", family)
         if family == socket.AF_INET:
             # struct sockaddr_in: family (host order), port (network order), address, 8 bytes of zero
-            self._addr_len, head = 16, struct.pack("=H", family)
-            self._tail = socket.inet_pton(family, dest) + bytes(8)
+            self._addr_len = 16
+            self._tail = socket.inet_pton(family, address[0]) + bytes(8)
         else:
-            # struct sockaddr_in6: family, port, flowinfo, address, scope id
-            self._addr_len, head = 28, struct.pack("=H", family)
-            self._tail = bytes(4) + socket.inet_pton(family, dest) + bytes(4)
-        self._head = head
+            # struct sockaddr_in6: family, port, flowinfo, address, scope id (host order)
+            self._addr_len = 28
+            self._tail = (struct.pack("!I", address[2]) + socket.inet_pton(family, address[0].split("%")[0])
+                          + struct.pack("=I", address[3]))
         self.batch = batch
         self._payload = ctypes.create_string_buffer(payload, len(payload))
         self._iov = _Iovec(ctypes.addressof(self._payload), len(payload))
@@ -135,6 +144,8 @@ def storm(dest: str, flows: int, packets: int = 1, size: int = 1, sockets: int =
                         for first in range(base_port, base_port + n, batch):
                             ok, failed = batcher.send(s.fileno(), range(first, min(first + batch, base_port + n)))
                             sent, errors = sent + ok, errors + failed
+                            if _stopping:
+                                raise _Stopped
                             if rate:
                                 done = rounds * flows + flows - remaining + min(first + batch, base_port + n) - base_port
                                 ahead = done / rate - (time.perf_counter() - start)
@@ -150,6 +161,8 @@ def storm(dest: str, flows: int, packets: int = 1, size: int = 1, sockets: int =
                             sent += 1
                         except OSError:
                             errors += 1        # e.g. ENOBUFS: not sent, so not on any device either
+                        if _stopping:
+                            raise _Stopped
                         if rate and (sent + errors) % 500 == 0:
                             done = rounds * flows + flows - remaining + port - base_port
                             ahead = done / rate - (time.perf_counter() - start)
@@ -170,7 +183,8 @@ def storm(dest: str, flows: int, packets: int = 1, size: int = 1, sockets: int =
 
 
 def _stop(signum, frame):
-    raise _Stopped
+    global _stopping
+    _stopping = True
 
 
 def main(argv: list[str]) -> int:

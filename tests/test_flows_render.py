@@ -135,6 +135,18 @@ def test_counts_of_folded_flows_reach_the_aggregate_their_device_was_folded_into
     lo = next(a for a in fast.aggregates.values() if a.key.dev == "lo" and a.key.route_type == "LOCAL")
     assert (lo.flows, lo.packets) == (3, 1 + 2 + 3 + 4)    # port 1 folded with no route: its counts, decoded, too
     assert fast.take_changed_aggregates() and not fast.take_changed_aggregates()
+    # A later epoch's entry of a folded flow that reports another route adds to the aggregate the
+    # flow was folded with, as merge_into keeps a tabled flow's first route.
+    key, _ = _port_entry(2)
+    value = VALUE_STRUCT.pack(5, 300, 5, 0, 10, 42, 254, 2, 2, 1, 2, 0x01 | 0x10, 0, b"curl", b"lo", b"eth0", b"eth0")
+    part, continued = decode_entry(key, value, "tracepoint")
+    assert continued and (part.route_type, part.route_dev) == ("UNICAST", "eth0")
+    before = lo.packets
+    assert fast.add_folded_counts(part.key, 1, (5, 300, 5, 0)) and lo.packets == before + 5
+    # A key that only hashes like a remembered one (another destination) is not taken for it.
+    other, _ = decode_entry(*_port_entry(2, daddr=b"\xc6\x33\x64\x02"), "tracepoint")
+    fast._recent_folds.add(hash(other.key), lo.key)
+    assert not fast.add_folded_counts(other.key, 1, (1, 60, 1, 0)) and lo.packets == before + 5
 
 
 def test_recorded_trace_gives_the_same_verdict_offline(recorded):
