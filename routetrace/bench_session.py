@@ -135,7 +135,8 @@ def stream_floor(notices: list[bytes]) -> float:
     spent = 0.0
     for start in range(0, len(notices), CHUNK):
         for raw in notices[start:start + CHUNK]:
-            ring.output(raw)
+            if not ring.output(raw):
+                raise RuntimeError("benchmark ring too small")
         t0 = time.process_time()
         lines = []
         chunks, _ = reader.read(CHUNK)

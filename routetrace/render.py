@@ -273,6 +273,8 @@ def flow_json_fast(flow: Flow, s=_JSON_STRINGS, keys=_FLOW_DICT_KEYS) -> str | N
 _LIVE_DEVICE_TEMPLATE = '{"ifindex":%d,"name":%s,"loopback":%s,"packets":%d,"segments":%d,"bytes":%d}'
 _LIVE_FLOW_TEMPLATE = _FLOW_TEMPLATE.replace('"xmit_devs":{%s}', '"xmit_devs":{%s:%d}').replace(
     '"devices":[%s]', '"devices":[' + _LIVE_DEVICE_TEMPLATE + ']')
+# Both replacements took (a changed _FLOW_TEMPLATE must change this one too).
+assert _LIVE_FLOW_TEMPLATE.count("%") == _FLOW_TEMPLATE.count("%") + 1 + _LIVE_DEVICE_TEMPLATE.count("%") - 1
 
 
 def live_flow_json_line(flow: Flow, s=_JSON_STRINGS) -> str:
@@ -282,7 +284,7 @@ def live_flow_json_line(flow: Flow, s=_JSON_STRINGS) -> str:
     third of the stream's time in a storm). Any other shape: flow_json_line. Never for a flow
     read from a file (there a count can be anything: flow_json_line checks)."""
     d = flow.__dict__
-    if len(d["devices"]) != 1 or len(d["xmit_devs"]) != 1 or d["extra"]:
+    if len(d) != len(_FLOW_DICT_KEYS) or len(d["devices"]) != 1 or len(d["xmit_devs"]) != 1 or d["extra"]:
         return flow_json_line(flow)
     (proto, saddr, sport, daddr, dport, netns, pid, comm, route_type, route_dev, fib_dev, fib_table, xmit_devs,
      packets, nbytes, first_ns, last_ns, backend, family, segments, route_src, route_ifindex, route_loopback,
