@@ -124,11 +124,11 @@ def _measure(n: int) -> dict:
 
 def stream_floor(notices: list[bytes]) -> float:
     """CPU seconds for the least a Python session can do and still stream each flow: read the
-    notices out of the ring, unpack them (one iter_unpack a run) and fill the stream's own JSON
-    template from the unpacked fields (their strings' JSON text cached) -- no flow record, no
+    notices out of the ring, unpack them (one iter_unpack a run) and fill the live stream's JSON
+    template (render._LIVE_FLOW_TEMPLATE) from the unpacked fields (their strings' JSON text cached) -- no flow record, no
     table, no drain. A lower bound, not a session."""
     from .events import NOTICE_RECORD, address
-    from .render import _FLOW_TEMPLATE, _JSON_STRINGS as s
+    from .render import _JSON_STRINGS as s, _LIVE_FLOW_TEMPLATE
     ring = MemoryRing(1 << (CHUNK * record_stride(NOTICE_BYTES) - 1).bit_length())
     reader = ring.reader(NOTICE_BYTES)
     texts: dict[bytes, str] = {}
@@ -147,12 +147,11 @@ def stream_floor(notices: list[bytes]) -> float:
                 daddr_text = texts.get(daddr) or texts.setdefault(daddr, s[address(family, daddr)])
                 saddr_text = texts.get(saddr) or texts.setdefault(saddr, s[address(family, saddr)])
                 dev_text = texts.get(dev) or texts.setdefault(dev, s[dev.rstrip(b"\0").decode()])
-                lines.append(_FLOW_TEMPLATE % (
+                lines.append(_LIVE_FLOW_TEMPLATE % (
                     '"udp"', saddr_text, sport, daddr_text, dport, netns, pid, dev_text, '"UNICAST"', dev_text,
-                    dev_text, "%d" % fib_table, "%s:%d" % (dev_text, packets), packets, nbytes, first_ns, first_ns,
+                    dev_text, "%d" % fib_table, dev_text, packets, packets, nbytes, first_ns, first_ns,
                     '"tracepoint"', family, segments, '"socket"', "%d" % route_ifindex, "false", "%d" % fib_ifindex,
-                    '{"ifindex":%d,"name":%s,"loopback":false,"packets":%d,"segments":%d,"bytes":%d}'
-                    % (ifindex, dev_text, packets, segments, nbytes), fragments))
+                    ifindex, dev_text, "false", packets, segments, nbytes, fragments))
         "".join(lines)
         spent += time.process_time() - t0
     return spent

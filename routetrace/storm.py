@@ -113,6 +113,13 @@ class BatchSender:
         return sent, failed
 
 
+def _pace(start: float, rate: float, done: int) -> None:
+    """Sleep until `done` new flows are due at `rate` per second since `start`."""
+    ahead = done / rate - (time.perf_counter() - start)
+    if ahead > 0:
+        time.sleep(ahead)
+
+
 def storm(dest: str, flows: int, packets: int = 1, size: int = 1, sockets: int = 0,
           base_port: int = 20000, rate: float = 0, until_stopped: bool = False, echo: bool = False,
           batch: int = 0) -> dict:
@@ -147,10 +154,8 @@ def storm(dest: str, flows: int, packets: int = 1, size: int = 1, sockets: int =
                             if _stopping:
                                 raise _Stopped
                             if rate:
-                                done = rounds * flows + flows - remaining + min(first + batch, base_port + n) - base_port
-                                ahead = done / rate - (time.perf_counter() - start)
-                                if ahead > 0:
-                                    time.sleep(ahead)
+                                _pace(start, rate, rounds * flows + flows - remaining
+                                      + min(first + batch, base_port + n) - base_port)
                         continue
                     for port in range(base_port, base_port + n):
                         try:
@@ -164,10 +169,7 @@ def storm(dest: str, flows: int, packets: int = 1, size: int = 1, sockets: int =
                         if _stopping:
                             raise _Stopped
                         if rate and (sent + errors) % 500 == 0:
-                            done = rounds * flows + flows - remaining + port - base_port
-                            ahead = done / rate - (time.perf_counter() - start)
-                            if ahead > 0:
-                                time.sleep(ahead)
+                            _pace(start, rate, rounds * flows + flows - remaining + port - base_port)
                 remaining -= n
                 index += 1
             rounds += 1
